@@ -1,0 +1,1 @@
+"""What workers run. Jobs execute inside the worker's app context (see `flask worker`)."""

@@ -1,0 +1,164 @@
+"""The one AI code path: a streamed chat completion from any OpenAI-compatible provider."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import openai
+
+from webapp.catalog import ModelSpec
+
+# Statuses worth another attempt; every other 4xx is the request's fault and final.
+TRANSIENT_STATUSES = {408, 409, 425, 429}
+CONNECT_TIMEOUT = 5.0
+PROVIDER_MESSAGE_MAX = 300
+
+
+class ProviderError(Exception):
+    """A provider call failed; `transient` says whether another attempt may succeed."""
+
+    def __init__(self, kind: str, message: str, transient: bool, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.transient = transient
+        self.retry_after = retry_after
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+def _client(spec: ModelSpec) -> openai.OpenAI:
+    """Return an SDK client for the model; retries are ours (task attempts), so none here."""
+    return openai.OpenAI(
+        base_url=str(spec.base_url),
+        api_key=spec.api_key(),
+        max_retries=0,
+        # `read` bounds the silence between two chunks; the whole answer is bounded by the deadline.
+        timeout=openai.Timeout(spec.read_timeout, connect=CONNECT_TIMEOUT),
+    )
+
+
+def build_request(spec: ModelSpec, prompt: str, params: dict) -> dict:
+    """Return the chat-completions request for a task."""
+    messages = []
+    if params.get("system"):
+        messages.append({"role": "system", "content": params["system"]})
+    messages.append({"role": "user", "content": prompt})
+    temperature = params.get("temperature")
+    return {
+        "model": spec.upstream,
+        "messages": messages,
+        "max_tokens": params.get("max_tokens") or spec.default_max_tokens,
+        "temperature": spec.temperature if temperature is None else temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "extra_body": spec.extra_body or None,
+    }
+
+
+def stream_answer(spec: ModelSpec, prompt: str, params: dict, usage: Usage) -> Iterator[str]:
+    """Yield the answer's text pieces as they arrive; fill `usage` when the provider reports it.
+
+    Raises ProviderError, classified, for every way the call can fail, including running past
+    the model's time budget.
+    """
+    deadline = time.monotonic() + spec.timeout
+    try:
+        stream = _client(spec).chat.completions.create(**build_request(spec, prompt, params))
+        with stream:
+            for chunk in stream:
+                if chunk.usage is not None:
+                    usage.prompt_tokens = chunk.usage.prompt_tokens
+                    usage.completion_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices or ():
+                    piece = choice.delta.content if choice.delta else None
+                    if piece:
+                        yield piece
+                if time.monotonic() > deadline:
+                    raise ProviderError(
+                        "timeout", f"The answer took longer than the model's {spec.timeout:g} s limit.", True
+                    )
+    except openai.APIStatusError as exc:
+        raise classify_status(exc) from None
+    except openai.APITimeoutError:
+        raise ProviderError(
+            "timeout", f"The provider sent nothing for {spec.read_timeout:g} s (timed out).", True
+        ) from None
+    except openai.APIConnectionError as exc:
+        raise ProviderError("connection", f"Could not reach the provider ({_cause(exc)}).", True) from None
+    except (openai.APIError, ValueError) as exc:
+        # A malformed answer (bad JSON in the stream, wrong shape) is usually a passing fault.
+        raise ProviderError(
+            "bad_response", f"The provider sent a malformed answer ({type(exc).__name__}).", True
+        ) from None
+
+
+def classify_status(exc: openai.APIStatusError) -> ProviderError:
+    """Map an HTTP error from the provider to a ProviderError with a plain message."""
+    status = exc.status_code
+    detail = _provider_message(exc)
+    if status == 429:
+        retry_after = retry_after_seconds(exc.response.headers)
+        wait = f" It asked to wait {retry_after:g} s." if retry_after is not None else ""
+        return ProviderError(
+            "rate_limited", f"The provider is rate limiting requests (HTTP 429).{wait}", True, retry_after
+        )
+    if status >= 500 or status in TRANSIENT_STATUSES:
+        return ProviderError(
+            "provider_error",
+            f"The provider failed (HTTP {status}){detail}.",
+            True,
+            retry_after_seconds(exc.response.headers),
+        )
+    if status in (401, 403):
+        return ProviderError(
+            "auth",
+            f"The provider refused our credentials (HTTP {status}){detail}. An operator must fix the model's API key.",
+            False,
+        )
+    if status == 404:
+        return ProviderError("not_found", f"The provider does not know this model (HTTP 404){detail}.", False)
+    return ProviderError("invalid_request", f"The provider rejected the request (HTTP {status}){detail}.", False)
+
+
+def retry_after_seconds(headers) -> float | None:
+    """Read Retry-After (seconds or an HTTP date) or retry-after-ms; None when absent or bad."""
+    try:
+        if (ms := headers.get("retry-after-ms")) is not None:
+            return max(0.0, float(ms) / 1000)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _provider_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    message = None
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, dict) else inner
+    if not message or not isinstance(message, str):
+        return ""
+    message = " ".join(message.split())
+    if len(message) > PROVIDER_MESSAGE_MAX:
+        message = message[: PROVIDER_MESSAGE_MAX - 1] + "…"
+    return f": {message}"
+
+
+def _cause(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    return type(cause).__name__ if cause else "connection error"

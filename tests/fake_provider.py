@@ -1,0 +1,215 @@
+"""A real HTTP server that speaks the OpenAI chat-completions API, scripted per prompt.
+
+By default it streams an answer derived from the prompt ("Echo: <prompt>") a word per chunk.
+A test scripts what the next calls for a prompt get, in order, with `script(prompt, *steps)`;
+when the steps run out the default answer comes back. A step is a dict:
+
+    {"chunks": ["Hel", "lo"], "delay": 0.1}   stream these pieces, `delay` seconds apart
+    {"status": 429, "retry_after": 1}         an HTTP error (any status), optional Retry-After
+    {"hang": 30}                              accept, send headers, then say nothing for 30 s
+    {"malformed": True}                       a stream whose chunk is not JSON
+    {"usage": False}                          stream without the usage chunk
+
+A prompt may also carry its default behaviour itself, for tests that run the provider in
+another process: a first line `#fake {"chunks": 20, "delay": 0.1}` (chunks may be a count).
+Every call is recorded in `calls`. Run it alone with `python -m tests.fake_provider PORT`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Call:
+    prompt: str
+    model: str
+    max_tokens: int | None
+    temperature: float | None
+    body: dict
+    outcome: str = ""
+    chunks_sent: int = 0
+    disconnected: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+class FakeProvider:
+    """The server and its script; `url` is the base URL to put in a model's catalog entry."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self.scripts: dict[str, deque] = defaultdict(deque)
+        self.calls: list[Call] = []
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer((host, port), _handler(self))
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fake-provider", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> FakeProvider:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def script(self, prompt: str, *steps: dict) -> None:
+        with self.lock:
+            self.scripts[prompt].extend(steps)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.scripts.clear()
+            self.calls.clear()
+
+    def calls_for(self, prompt: str) -> list[Call]:
+        with self.lock:
+            return [call for call in self.calls if call.prompt == prompt]
+
+    def _next_step(self, prompt: str) -> dict:
+        with self.lock:
+            if self.scripts[prompt]:
+                return self.scripts[prompt].popleft()
+        first, _, rest = prompt.partition("\n")
+        if first.startswith("#fake "):
+            return json.loads(first[len("#fake ") :])
+        return {}
+
+
+def default_answer(prompt: str) -> list[str]:
+    words = f"Echo: {prompt}".split(" ")
+    return [word + " " for word in words[:-1]] + [words[-1]]
+
+
+def _handler(provider: FakeProvider):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            else:
+                self._json(404, {"error": {"message": "not found"}})
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                body = json.loads(self.rfile.read(length) or b"{}")
+            except ValueError:
+                return self._json(400, {"error": {"message": "body is not JSON"}})
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                return self._json(404, {"error": {"message": f"no route {self.path}"}})
+            messages = body.get("messages") or [{}]
+            prompt = messages[-1].get("content", "")
+            call = Call(prompt, body.get("model", ""), body.get("max_tokens"), body.get("temperature"), body)
+            with provider.lock:
+                provider.calls.append(call)
+            step = provider._next_step(prompt)
+            try:
+                self._respond(call, body, step)
+            except (BrokenPipeError, ConnectionResetError):
+                call.disconnected = True
+
+        def _respond(self, call: Call, body: dict, step: dict) -> None:
+            if "status" in step:
+                call.outcome = f"status {step['status']}"
+                headers = {}
+                if step.get("retry_after") is not None:
+                    headers["Retry-After"] = str(step["retry_after"])
+                message = step.get("message", f"scripted error {step['status']}")
+                return self._json(step["status"], {"error": {"message": message, "type": "scripted"}}, headers)
+            chunks = step.get("chunks")
+            if isinstance(chunks, int):
+                chunks = [f"word{i} " for i in range(chunks)]
+            chunks = chunks or default_answer(call.prompt)
+            max_tokens = body.get("max_tokens")
+            if max_tokens:
+                chunks = chunks[:max_tokens]
+            if not body.get("stream"):
+                call.outcome = "complete"
+                return self._json(200, _completion("".join(chunks), len(chunks)))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            if "hang" in step:
+                call.outcome = "hang"
+                self.wfile.flush()
+                time.sleep(step["hang"])
+                return
+            if step.get("malformed"):
+                call.outcome = "malformed"
+                self._event("{not json")
+                return
+            delay = step.get("delay", 0)
+            for piece in chunks:
+                if delay:
+                    time.sleep(delay)
+                self._event(json.dumps(_chunk(piece)))
+                call.chunks_sent += 1
+            self._event(json.dumps(_chunk(None, finish="stop")))
+            if step.get("usage", True):
+                usage = {"prompt_tokens": len(call.prompt.split()), "completion_tokens": len(chunks)}
+                self._event(json.dumps({**_chunk(None), "usage": usage}))
+            self._event("[DONE]")
+            call.outcome = "complete"
+
+        def _event(self, data: str) -> None:
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+
+        def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+def _chunk(content: str | None, finish: str | None = None) -> dict:
+    delta = {"content": content} if content is not None else {}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": "fake",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if content is not None or finish else [],
+    }
+
+
+def _completion(text: str, tokens: int) -> dict:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "fake",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1},
+    }
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 8099
+    fake = FakeProvider(port=port)
+    print(f"fake provider at {fake.url}", flush=True)
+    fake.server.serve_forever()

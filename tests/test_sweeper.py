@@ -1,0 +1,115 @@
+"""The sweeper: lost jobs are enqueued again, dead workers' tasks are taken back."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from jobs import progress
+from jobs.sweeper import LOCK_KEY, sweep
+from tests.conftest import redis_conn, task_row, work
+from webapp.extensions import db
+from webapp.models import Task, utcnow
+
+
+def age(app, task_id: int, seconds: int) -> None:
+    """Pretend the task was last touched `seconds` ago."""
+    with app.app_context():
+        past = utcnow() - timedelta(seconds=seconds)
+        db.session.query(Task).filter_by(id=task_id).update({"updated_at": past, "created_at": past})
+        db.session.commit()
+
+
+def test_pending_tasks_lost_by_redis_are_enqueued_again(app, api):
+    tasks = [api.submit(f"lost {i}") for i in range(3)]
+    redis_conn().flushdb()  # Redis lost everything
+    for task in tasks:
+        age(app, task["id"], 120)
+    with app.app_context():
+        report = sweep()
+    assert sorted(report.requeued) == [t["id"] for t in tasks]
+    work(app)
+    assert all(api.task(t["id"])["status"] == "COMPLETED" for t in tasks)
+
+
+def test_queued_tasks_are_left_alone(app, api, fake_provider):
+    task = api.submit("still queued")
+    age(app, task["id"], 120)
+    with app.app_context():
+        assert sweep().requeued == []
+    work(app)
+    assert len(fake_provider.calls_for("still queued")) == 1
+
+
+def test_a_fresh_task_without_a_job_gets_a_grace_period(app, api):
+    task = api.submit("just committed")
+    with app.app_context():
+        db.session.query(Task).filter_by(id=task["id"]).update({"job_id": None})
+        db.session.commit()
+        redis_conn().flushdb()
+        assert sweep().requeued == []  # its enqueue may still be under way
+    age(app, task["id"], 120)
+    with app.app_context():
+        assert sweep().requeued == [task["id"]]
+
+
+def test_expired_lease_goes_back_to_pending_and_runs_again(app, api, fake_provider):
+    task = api.submit("worker died")
+    with app.app_context():
+        claimed = progress.claim(task["id"])  # a worker took it... and died
+        db.session.query(Task).filter_by(id=task["id"]).update({"lease_expires_at": utcnow() - timedelta(seconds=1)})
+        db.session.commit()
+        redis_conn().flushdb()
+        report = sweep()
+    assert report.reclaimed == [task["id"]] and report.requeued == [task["id"]]
+    row = task_row(app, task["id"])
+    assert row.status == "PENDING" and row.error_kind == "worker_lost"
+    work(app)
+    done = api.task(task["id"])
+    assert done["status"] == "COMPLETED" and done["attempts"] == 2
+    with app.app_context():
+        assert progress.complete(claimed, "late answer from the dead worker", 1, 1) is False
+
+
+def test_expired_lease_with_no_attempts_left_fails(app, api):
+    task = api.submit("out of attempts")
+    with app.app_context():
+        db.session.query(Task).filter_by(id=task["id"]).update(
+            {
+                "status": "PROCESSING",
+                "attempts": 3,
+                "max_attempts": 3,
+                "lease_expires_at": utcnow() - timedelta(seconds=1),
+            }
+        )
+        db.session.commit()
+        report = sweep()
+    assert report.failed == [task["id"]]
+    done = api.task(task["id"])
+    assert done["status"] == "FAILED" and "stopped responding" in done["error"]
+
+
+def test_a_live_lease_is_not_touched(app, api):
+    task = api.submit("alive")
+    with app.app_context():
+        progress.claim(task["id"])
+        report = sweep()
+    assert report.reclaimed == [] and report.failed == []
+    assert task_row(app, task["id"]).status == "PROCESSING"
+
+
+def test_only_one_sweeper_at_a_time(app, api):
+    connection = redis_conn()
+    connection.set(LOCK_KEY, "someone-else", ex=60)
+    with app.app_context():
+        assert sweep().skipped
+    assert connection.get(LOCK_KEY) == b"someone-else"  # not released by the loser
+    connection.delete(LOCK_KEY)
+    with app.app_context():
+        assert not sweep().skipped
+    assert connection.get(LOCK_KEY) is None
+
+
+def test_sweep_command(runner, api):
+    result = runner.invoke(args=["sweep"])
+    assert result.exit_code == 0
+    assert "0 re-enqueued" in result.output

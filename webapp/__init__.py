@@ -1,0 +1,81 @@
+"""The Flask app factory. Nothing here touches the network, migrates or starts work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask_openapi3 import Info, OpenAPI, SecurityScheme
+from redis import Redis
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from . import config as cfg
+from .extensions import db, migrate
+from .schemas import ErrorEnvelope
+
+__version__ = "0.1.0"
+
+
+class App(OpenAPI):
+    """Flask with an OpenAPI registry; templates and static files live at the top of the repo."""
+
+
+def create_app(overrides: dict | None = None) -> App:
+    """Create the app: defaults, then the environment, then `overrides` (tests)."""
+    app = App(
+        __name__,
+        info=Info(title="Async AI Task Runner API", version="1"),
+        security_schemes={
+            "bearer": SecurityScheme(
+                type="http",
+                scheme="bearer",
+                description="An API token from `flask --app wsgi tokens create` or the Tokens page.",
+            )
+        },
+        doc_ui=False,
+        validation_error_callback=_validation_error,
+        validation_error_model=ErrorEnvelope,
+        template_folder=str(cfg.ROOT / "templates"),
+        static_folder=str(cfg.ROOT / "static"),
+        instance_path=str(cfg.INSTANCE),
+    )
+    app.json.sort_keys = False
+    app.config.from_object(cfg.Config)
+    app.config.update(cfg.from_environment(cfg.Config))
+    app.config.update(overrides or {})
+    instance = Path(app.instance_path)
+    app.config.setdefault("SQLALCHEMY_DATABASE_URI", cfg.database_uri(app.config["DATABASE_URL"], instance))
+    app.config["REDIS_URL"] = cfg.redis_url(app.config["REDIS_URL"], instance)
+    app.config["SECRET_KEY"] = cfg.secret_key(app.config["SECRET_KEY"], app.config["APP_ENV"], instance)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
+        options = app.config["SQLALCHEMY_ENGINE_OPTIONS"] = dict(app.config["SQLALCHEMY_ENGINE_OPTIONS"])
+        options.setdefault("connect_args", {"connect_timeout": 5, "application_name": "ai-task-runner"})
+
+    if app.config["TRUSTED_PROXIES"]:
+        hops = app.config["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(cfg.ROOT / "migrations"))
+    # One client per process; it connects lazily. Short timeouts so a dead Redis fails fast.
+    app.extensions["redis"] = Redis.from_url(
+        app.config["REDIS_URL"], socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+    )
+
+    from .catalog import load_catalog
+
+    app.extensions["catalog"] = load_catalog(app.config)
+
+    from . import cli
+    from .views import api, errors
+
+    errors.init_app(app)
+    app.register_api(api.bp)
+    cli.init_app(app)
+    return app
+
+
+def _validation_error(exc):
+    """Turn a pydantic ValidationError from request parsing into the API's 422 envelope."""
+    from .views.errors import validation_response
+
+    return validation_response(exc)

@@ -1,0 +1,117 @@
+"""The model catalog: which names users may pick, and which provider serves each."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from flask import current_app
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+
+LOCAL = "local"
+
+
+class ModelSpec(BaseModel):
+    """One entry of the catalog. Only operators write these; users only pick a name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}$")
+    base_url: HttpUrl
+    # The environment variable holding the provider's API key; none for local servers.
+    api_key_env: str | None = None
+    # The model name sent to the provider.
+    upstream: str
+    description: str = ""
+    max_tokens: int = Field(default=1024, ge=1)
+    default_max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    # Calls to this model in flight at once, across all workers.
+    concurrency: int = Field(default=4, ge=1)
+    # Seconds for the whole answer, and seconds of silence before the stream counts as stalled.
+    timeout: float = Field(default=120, gt=0)
+    read_timeout: float = Field(default=30, gt=0)
+    # Extra fields sent in the request body (e.g. llama.cpp's repeat_penalty).
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    def api_key(self) -> str:
+        """Return the provider key from the environment; local servers take any string."""
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env, "")
+        return "none"
+
+    def public(self, default: str) -> dict:
+        """Return what users may see of this model (never its URL or key)."""
+        return {
+            "name": self.name,
+            "default": self.name == default,
+            "description": self.description,
+            "max_tokens": self.max_tokens,
+            "default_max_tokens": self.default_max_tokens,
+            "temperature": self.temperature,
+        }
+
+
+class Catalog:
+    """The configured models by name, and which one is the default."""
+
+    def __init__(self, models: dict[str, ModelSpec], default: str):
+        if default not in models:
+            raise ValueError(f"DEFAULT_MODEL {default!r} is not in the catalog ({', '.join(models)})")
+        self.models = models
+        self.default = default
+
+    def get(self, name: str) -> ModelSpec | None:
+        return self.models.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.models)
+
+    def __iter__(self):
+        return iter(self.models.values())
+
+
+def local_model(base_url: str, parallel: int) -> ModelSpec:
+    """Return the built-in SmolLM2-135M entry, served on loopback by `flask local-model`."""
+    return ModelSpec(
+        name=LOCAL,
+        base_url=base_url,
+        upstream="smollm2-135m-instruct",
+        description="SmolLM2-135M-Instruct, built in and offline: fast, small and often wrong.",
+        max_tokens=1024,
+        default_max_tokens=256,
+        # A 135M model is only sane at a low temperature with a repeat penalty.
+        temperature=0.2,
+        extra_body={"repeat_penalty": 1.15},
+        concurrency=parallel,
+        timeout=300,
+        read_timeout=60,
+    )
+
+
+def load_catalog(config: dict) -> Catalog:
+    """Build the catalog from MODELS (tests), MODELS_FILE, and the built-in `local` model."""
+    models = {LOCAL: local_model(config["LOCAL_MODEL_URL"], config["LOCAL_MODEL_PARALLEL"])}
+    entries: dict[str, dict] = {}
+    default = config.get("DEFAULT_MODEL") or LOCAL
+    if config.get("MODELS_FILE"):
+        path = Path(config["MODELS_FILE"])
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"MODELS_FILE {path}: {exc}") from exc
+        entries.update(data.get("models", {}))
+    entries.update(config.get("MODELS") or {})
+    for name, entry in entries.items():
+        try:
+            models[name] = ModelSpec(name=name, **entry)
+        except ValidationError as exc:
+            raise ValueError(f"model {name!r} in the catalog: {exc}") from exc
+    return Catalog(models, default)
+
+
+def catalog() -> Catalog:
+    """Return the current app's catalog."""
+    return current_app.extensions["catalog"]

@@ -1,0 +1,161 @@
+"""Command line: `flask --app wsgi <command>`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup, with_appcontext
+
+from .errors import AppError
+from .extensions import db
+from .models import User
+from .queues import QUEUE_NAMES
+from .services import accounts
+
+users = AppGroup("users", help="Manage users.")
+tokens = AppGroup("tokens", help="Manage API tokens.")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=current_app.config["LOG_LEVEL"],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(exc: AppError):
+    raise click.ClickException(exc.message)
+
+
+@users.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="Make the user an administrator.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def create_user(name: str, admin: bool, password_stdin: bool) -> None:
+    """Create a user (asks for the password unless --password-stdin)."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        user = accounts.create_user(name, password, is_admin=admin)
+    except AppError as exc:
+        _fail(exc)
+    click.echo(f"Created {'admin' if user.is_admin else 'user'} {user.username}.")
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option("--label", default="cli", show_default=True, help="A name for the token.")
+def create_token(name: str, label: str) -> None:
+    """Create an API token for user NAME; the token is printed alone on the last line."""
+    user = accounts.find_user(name)
+    if user is None:
+        raise click.ClickException(f"No user named {name!r}. Create one with `flask --app wsgi users create {name}`.")
+    try:
+        _, token = accounts.create_token(user, label)
+    except AppError as exc:
+        _fail(exc)
+    click.echo(f"API token for {user.username} (shown once; keep it secret):", err=True)
+    click.echo(token)
+
+
+@click.command("worker")
+@click.option("--burst", is_flag=True, help="Exit once the queues are empty.")
+@click.option("--name", default=None, help="Worker name (default: random).")
+@click.argument("queues", nargs=-1)
+@with_appcontext
+def worker(burst: bool, name: str | None, queues: tuple[str, ...]) -> None:
+    """Run a worker on QUEUES (default: high default low, in that order)."""
+    from jobs.worker import make_worker
+
+    _setup_logging()
+    unknown = set(queues) - set(QUEUE_NAMES)
+    if unknown:
+        raise click.BadParameter(f"unknown queue(s) {', '.join(sorted(unknown))}; use {', '.join(QUEUE_NAMES)}")
+    make_worker(queues or QUEUE_NAMES, name=name).work(
+        burst=burst, with_scheduler=True, logging_level=current_app.config["LOG_LEVEL"]
+    )
+
+
+@click.command("sweep")
+@with_appcontext
+def sweep() -> None:
+    """Run one sweeper pass: re-enqueue lost PENDING tasks, take back expired leases."""
+    from jobs.sweeper import sweep as run_sweep
+
+    click.echo(str(run_sweep()))
+
+
+@click.command("scheduler")
+@with_appcontext
+def scheduler() -> None:
+    """Run the sweeper every SWEEP_INTERVAL seconds until stopped."""
+    from jobs.sweeper import sweep as run_sweep
+
+    _setup_logging()
+    log = logging.getLogger("scheduler")
+    interval = current_app.config["SWEEP_INTERVAL"]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("sweeping every %s s", interval)
+    while not stop.is_set():
+        try:
+            run_sweep()
+        except Exception:  # keep going: the next pass may find Redis and the database back
+            log.exception("sweep failed")
+            db.session.rollback()
+        finally:
+            db.session.remove()
+        stop.wait(interval)
+    log.info("scheduler stopped")
+
+
+@click.command("local-model")
+@with_appcontext
+def local_model() -> None:
+    """Serve the built-in `local` model (SmolLM2-135M) at LOCAL_MODEL_URL."""
+    from jobs.local_model import serve
+
+    _setup_logging()
+    config = current_app.config
+    serve(config["LOCAL_MODEL_URL"], config["LOCAL_MODEL_THREADS"], config["LOCAL_MODEL_PARALLEL"])
+
+
+@click.command("bootstrap")
+@with_appcontext
+def bootstrap() -> None:
+    """Apply migrations; on a first start with no users, create `admin` and print its password."""
+    from flask_migrate import upgrade
+
+    upgrade()
+    password = accounts.ensure_first_admin()
+    if password:
+        click.echo("")
+        click.echo("  Created the first user: admin")
+        click.echo(f"  Password (shown once):  {password}")
+        click.echo("  Create an API token with: flask --app wsgi tokens create admin")
+        click.echo("")
+
+
+@click.command("serve")
+@with_appcontext
+def serve() -> None:
+    """Run everything on this machine: Valkey (if REDIS_URL is unset), the local model, web, worker, scheduler."""
+    from .runner import run_all
+
+    _setup_logging()
+    sys.exit(run_all(current_app))
+
+
+def init_app(app: Flask) -> None:
+    for command in (users, tokens, worker, sweep, scheduler, local_model, bootstrap, serve):
+        app.cli.add_command(command)
+    app.shell_context_processor(lambda: {"db": db, "User": User})

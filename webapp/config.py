@@ -1,0 +1,124 @@
+"""Configuration: defaults here, then the environment (and `.env`), then test overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTANCE = Path(os.environ.get("INSTANCE_PATH", ROOT / "instance"))
+
+
+class Config:
+    """Embedded defaults: a fresh machine needs no configuration at all."""
+
+    APP_NAME = "Async AI Task Runner"
+    # "production" refuses to start without SECRET_KEY; anything else may generate one.
+    APP_ENV = "development"
+    SECRET_KEY: str | None = None
+
+    # Unset DATABASE_URL means the embedded SQLite file under instance/.
+    DATABASE_URL: str | None = None
+    # Unset REDIS_URL means the embedded Valkey that `make run` starts on a socket under instance/.
+    REDIS_URL: str | None = None
+
+    MODELS_FILE: str | None = None
+    DEFAULT_MODEL = "local"
+    # Where the built-in `local` model's server listens (started by `make run` / compose).
+    LOCAL_MODEL_URL = "http://127.0.0.1:8091/v1"
+    LOCAL_MODEL_THREADS = 2
+    LOCAL_MODEL_PARALLEL = 2
+    PORT = 5000
+
+    PROMPT_MAX_CHARS = 32_000
+    MAX_CONTENT_LENGTH = 1024 * 1024
+    # Attempts a task gets (each provider call is one); user retries add as many again.
+    TASK_MAX_ATTEMPTS = 3
+    RETRY_BASE_SECONDS = 2.0
+    RETRY_MAX_SECONDS = 300.0
+    # A worker holds a task for this long and renews it while it works.
+    LEASE_SECONDS = 30
+    PROGRESS_INTERVAL = 1.0
+    SWEEP_INTERVAL = 60
+    # A PENDING task this old with no job in any queue is re-enqueued by the sweeper.
+    SWEEP_GRACE_SECONDS = 30
+    IDEMPOTENCY_TTL_HOURS = 24
+
+    # Set to the number of proxies in front of the app (1 behind one TLS proxy) so client
+    # addresses and https are read from X-Forwarded-*; 0 trusts no such header.
+    TRUSTED_PROXIES = 0
+
+    RATELIMIT_ENABLED = True
+    METRICS_ENABLED = True
+    METRICS_TOKEN: str | None = None
+    LOG_FORMAT = "text"
+    LOG_LEVEL = "INFO"
+
+    SQLALCHEMY_ENGINE_OPTIONS: dict = {"pool_pre_ping": True}
+
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse(name: str, value: str, default):
+    """Read an environment value as the type of its default (strings stay strings)."""
+    if isinstance(default, bool):
+        if value.strip().lower() not in TRUE | FALSE:
+            raise ValueError(f"{name} must be true or false, not {value!r}")
+        return value.strip().lower() in TRUE
+    try:
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, not {value!r}") from None
+    if isinstance(default, dict | list):
+        return json.loads(value)
+    return value
+
+
+def from_environment(defaults: type) -> dict:
+    """Return the settings of `defaults` (a class of upper-case names) that the environment sets."""
+    return {
+        name: _parse(name, os.environ[name], getattr(defaults, name))
+        for name in dir(defaults)
+        if name.isupper() and name in os.environ
+    }
+
+
+def database_uri(url: str | None, instance: Path) -> str:
+    """Return the SQLAlchemy URI for DATABASE_URL, or the embedded SQLite file."""
+    if not url:
+        instance.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{instance / 'app.db'}"
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; this project uses psycopg2.
+    for bare in ("postgres://", "postgresql://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg2://" + url[len(bare) :]
+    return url
+
+
+def redis_url(url: str | None, instance: Path) -> str:
+    """Return REDIS_URL, or the socket of the embedded Valkey under instance/."""
+    return url or f"unix://{instance / 'valkey.sock'}"
+
+
+def secret_key(configured: str | None, app_env: str, instance: Path) -> str:
+    """Return the secret key; outside production keep a generated one under instance/."""
+    if configured:
+        return configured
+    if app_env == "production":
+        raise RuntimeError(
+            "SECRET_KEY is not set. Set it to a long random string, for example the output of "
+            "`python -c 'import secrets; print(secrets.token_hex(32))'`."
+        )
+    path = instance / "secret_key"
+    if not path.exists():
+        instance.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()

@@ -1,0 +1,50 @@
+"""Domain errors: services raise these, one handler turns them into JSON or a page."""
+
+from __future__ import annotations
+
+
+class AppError(Exception):
+    """Base of the errors a user can meet; each has a status, a code and a plain message."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class ValidationError(AppError):
+    status = 422
+    code = "validation_error"
+
+
+class NotFoundError(AppError):
+    status = 404
+    code = "not_found"
+
+
+class TaskNotFoundError(NotFoundError):
+    def __init__(self, task_id: int | str):
+        super().__init__(f"Task {task_id} does not exist or is not yours.")
+
+
+class ConflictError(AppError):
+    status = 409
+    code = "conflict"
+
+
+class AuthError(AppError):
+    status = 401
+    code = "unauthorized"
+
+
+class ForbiddenError(AppError):
+    status = 403
+    code = "forbidden"
+
+
+class UnavailableError(AppError):
+    status = 503
+    code = "unavailable"

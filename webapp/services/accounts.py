@@ -1,0 +1,126 @@
+"""Users and their API tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import joinedload
+
+from ..errors import ConflictError, NotFoundError, ValidationError
+from ..extensions import db
+from ..models import ApiToken, User, utcnow
+
+USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PASSWORD_MIN = 8
+TOKEN_PREFIX = "atr_"
+# last_used_at is written at most this often per token, so reads stay reads.
+TOKEN_TOUCH_INTERVAL = timedelta(minutes=1)
+
+
+def validate_password(password: str) -> None:
+    if len(password) < PASSWORD_MIN:
+        raise ValidationError(
+            f"The password must have at least {PASSWORD_MIN} characters.",
+            {"password": f"at least {PASSWORD_MIN} characters"},
+        )
+
+
+def create_user(username: str, password: str, is_admin: bool = False) -> User:
+    """Create a user; raise ValidationError for a bad name or password, ConflictError if taken."""
+    if not USERNAME.match(username or ""):
+        raise ValidationError(
+            "A username is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+            {"username": "invalid"},
+        )
+    validate_password(password)
+    if find_user(username) is not None:
+        raise ConflictError(f"The username {username!r} is taken.")
+    user = User(username=username, is_admin=is_admin)
+    user.set_password(password)
+    db.session.add(user)
+    db.session.commit()
+    return user
+
+
+def find_user(username: str) -> User | None:
+    """Return the user with this name, ignoring case."""
+    return db.session.scalar(select(User).where(func.lower(User.username) == username.lower()))
+
+
+def authenticate(username: str, password: str) -> User | None:
+    """Return the active user with these credentials, or None."""
+    user = find_user(username)
+    if user is None or not user.is_active or not user.check_password(password):
+        return None
+    return user
+
+
+def ensure_first_admin() -> str | None:
+    """Create the user `admin` with a random password if there are no users; return the password."""
+    if db.session.scalar(select(func.count()).select_from(User)):
+        return None
+    password = secrets.token_urlsafe(12)
+    create_user("admin", password, is_admin=True)
+    return password
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(user: User, name: str) -> tuple[ApiToken, str]:
+    """Create an API token for `user`; return the row and the token, which is never stored."""
+    name = (name or "").strip()
+    if not name or len(name) > 100:
+        raise ValidationError("Give the token a name of 1-100 characters.", {"name": "1-100 characters"})
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)  # 256 bits
+    row = ApiToken(user_id=user.id, name=name, prefix=token[: len(TOKEN_PREFIX) + 6], token_hash=_hash(token))
+    db.session.add(row)
+    db.session.commit()
+    return row, token
+
+
+def user_for_token(token: str) -> User | None:
+    """Return the active user owning an unrevoked token, or None.
+
+    Tokens carry 256 random bits, so a SHA-256 lookup is safe: the index compares digests,
+    and nothing about the token can be learned from its timing.
+    """
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    row = db.session.scalar(
+        select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.token_hash == _hash(token))
+    )
+    if row is None or row.revoked_at is not None or not row.user.is_active:
+        return None
+    now = utcnow()
+    if row.last_used_at is None or now - row.last_used_at > TOKEN_TOUCH_INTERVAL:
+        db.session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+        db.session.commit()
+    return row.user
+
+
+def list_tokens(user: User) -> list[ApiToken]:
+    return list(
+        db.session.scalars(
+            select(ApiToken)
+            .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+            .order_by(ApiToken.id.desc())
+        )
+    )
+
+
+def revoke_token(user: User, token_id: int) -> None:
+    """Revoke one of the user's tokens; raise NotFoundError if it is not theirs."""
+    result = db.session.execute(
+        update(ApiToken)
+        .where(ApiToken.id == token_id, ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    db.session.commit()
+    if result.rowcount == 0:
+        raise NotFoundError(f"Token {token_id} does not exist or is not yours.")

@@ -1,0 +1,320 @@
+"""What users do with tasks: submit, read, list, cancel, retry, delete. Pages and API both call these."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from flask import current_app
+from redis.exceptions import RedisError
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..catalog import ModelSpec, catalog
+from ..errors import ConflictError, TaskNotFoundError, ValidationError
+from ..extensions import db
+from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
+from ..queues import enqueue_task, new_job_id, redis
+
+log = logging.getLogger(__name__)
+
+SYSTEM_MAX_CHARS = 8_000
+LIST_MAX = 100
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A validated request to run a prompt."""
+
+    prompt: str
+    model: str
+    priority: int
+    params: dict
+
+    def fingerprint(self) -> str:
+        """Return a hash of the request, to tell a replay from a different body."""
+        body = json.dumps([self.prompt, self.model, self.priority, self.params], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+def text_problem(value: str) -> str | None:
+    """Return why a text cannot be stored (NUL bytes, lone surrogates), or None."""
+    if "\x00" in value:
+        return "must not contain NUL characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode text (it contains a lone surrogate)"
+    return None
+
+
+def validate_submission(
+    prompt: str,
+    model: str | None = None,
+    priority: int | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    system: str | None = None,
+) -> Submission:
+    """Check a submission against the limits and the catalog; raise ValidationError per field."""
+    errors: dict[str, str] = {}
+    limit = current_app.config["PROMPT_MAX_CHARS"]
+    if not prompt or not prompt.strip():
+        errors["prompt"] = "Enter a prompt."
+    elif len(prompt) > limit:
+        errors["prompt"] = f"The prompt has {len(prompt):,} characters; the limit is {limit:,}."
+    elif problem := text_problem(prompt):
+        errors["prompt"] = f"The prompt {problem}."
+
+    cat = catalog()
+    name = model or cat.default
+    spec: ModelSpec | None = cat.get(name)
+    if spec is None:
+        errors["model"] = f"Unknown model {name!r}. Available: {', '.join(cat.names())}."
+
+    if priority is None:
+        priority = 5
+    elif not 1 <= priority <= 10:
+        errors["priority"] = "Priority must be between 1 (lowest) and 10 (highest)."
+
+    params: dict = {}
+    if max_tokens is not None:
+        cap = spec.max_tokens if spec else None
+        if max_tokens < 1:
+            errors["params.max_tokens"] = "max_tokens must be at least 1."
+        elif cap is not None and max_tokens > cap:
+            errors["params.max_tokens"] = f"max_tokens for {name} is at most {cap}."
+        params["max_tokens"] = max_tokens
+    if temperature is not None:
+        if not 0 <= temperature <= 2:
+            errors["params.temperature"] = "temperature must be between 0 and 2."
+        params["temperature"] = temperature
+    if system is not None and system != "":
+        if len(system) > SYSTEM_MAX_CHARS:
+            errors["params.system"] = f"The system prompt is limited to {SYSTEM_MAX_CHARS:,} characters."
+        elif problem := text_problem(system):
+            errors["params.system"] = f"The system prompt {problem}."
+        params["system"] = system
+
+    if errors:
+        raise ValidationError("The task was not accepted: " + " ".join(errors.values()), errors)
+    return Submission(prompt=prompt, model=name, priority=priority, params=params)
+
+
+def job_timeout(model: str) -> int:
+    """Return RQ's hard limit for one attempt: the model's budget plus room to write the result."""
+    spec = catalog().get(model)
+    return int((spec.timeout if spec else 300) + 60)
+
+
+def _enqueue(task: Task) -> None:
+    """Enqueue a committed task under its recorded job id; if Redis is down the sweeper does it later."""
+    try:
+        enqueue_task(task.id, task.priority, job_timeout(task.model), job_id=task.job_id)
+    except RedisError as exc:
+        log.warning("task %s committed but not enqueued (%s); the sweeper will enqueue it", task.id, exc)
+
+
+def submit(user: User, submission: Submission, idempotency_key: str | None = None) -> tuple[Task, bool]:
+    """Record a task as PENDING, commit, then enqueue it. Return (task, created).
+
+    With an Idempotency-Key the same key and body return the first task (created is False).
+    """
+    fingerprint = submission.fingerprint() if idempotency_key else None
+    if idempotency_key:
+        existing = _replay(user, idempotency_key, fingerprint)
+        if existing is not None:
+            return existing, False
+
+    task = Task(
+        user_id=user.id,
+        prompt=submission.prompt,
+        model=submission.model,
+        priority=submission.priority,
+        params=submission.params,
+        status=TaskStatus.PENDING.value,
+        max_attempts=current_app.config["TASK_MAX_ATTEMPTS"],
+    )
+    db.session.add(task)
+    db.session.flush()  # assigns the id, in the same transaction
+    # The job id is recorded before the commit, so the row names its job from the start.
+    task.job_id = new_job_id(task.id)
+    if idempotency_key:
+        db.session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, request_hash=fingerprint, task_id=task.id))
+    try:
+        db.session.commit()
+    except IntegrityError:
+        # Another request with the same key won the race: answer as it did.
+        db.session.rollback()
+        existing = _replay(user, idempotency_key, fingerprint) if idempotency_key else None
+        if existing is None:
+            raise
+        return existing, False
+    _enqueue(task)
+    return task, True
+
+
+def _replay(user: User, key: str, fingerprint: str) -> Task | None:
+    """Return the task an unexpired Idempotency-Key made, refusing a different body."""
+    row = db.session.scalar(select(IdempotencyKey).where(IdempotencyKey.user_id == user.id, IdempotencyKey.key == key))
+    if row is None:
+        return None
+    ttl = timedelta(hours=current_app.config["IDEMPOTENCY_TTL_HOURS"])
+    task = db.session.get(Task, row.task_id)
+    if row.created_at < utcnow() - ttl or task is None:
+        db.session.delete(row)
+        db.session.commit()
+        return None
+    if row.request_hash != fingerprint:
+        raise ValidationError(
+            "This Idempotency-Key was already used with a different request body. Use a new key for a new request.",
+            {"Idempotency-Key": "reused with a different body"},
+        )
+    return task
+
+
+def _scoped(user: User):
+    """Return a select of the tasks `user` may see: their own, or all for admins."""
+    query = select(Task)
+    if not user.is_admin:
+        query = query.where(Task.user_id == user.id)
+    return query
+
+
+def get_task(user: User, task_id: int) -> Task:
+    """Return one task the user may see, or raise TaskNotFoundError."""
+    task = db.session.scalar(_scoped(user).where(Task.id == task_id))
+    if task is None:
+        raise TaskNotFoundError(task_id)
+    return task
+
+
+def encode_cursor(task_id: int) -> str:
+    return base64.urlsafe_b64encode(f"id:{task_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """Return the task id a cursor points after, or raise ValidationError."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, value = raw.partition(":")
+        if kind != "id" or not value.isdigit():
+            raise ValueError(raw)
+        return int(value)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ValidationError(
+            "The cursor is not valid; use next_cursor from a previous page.",
+            {"cursor": "not a cursor this API returned"},
+        ) from None
+
+
+def list_tasks(
+    user: User,
+    status: str | None = None,
+    limit: int = 20,
+    cursor: str | None = None,
+    model: str | None = None,
+    search: str | None = None,
+) -> tuple[list[Task], str | None]:
+    """Return the user's own tasks newest first, and the cursor of the next page (or None)."""
+    if status is not None and status not in TaskStatus.__members__:
+        raise ValidationError(f"Unknown status {status!r}.", {"status": f"one of {', '.join(TaskStatus.__members__)}"})
+    if not 1 <= limit <= LIST_MAX:
+        raise ValidationError(f"limit must be between 1 and {LIST_MAX}.", {"limit": f"1 to {LIST_MAX}"})
+    query = select(Task).where(Task.user_id == user.id)
+    if status:
+        query = query.where(Task.status == status)
+    if model:
+        query = query.where(Task.model == model)
+    if search:
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(Task.prompt.ilike(f"%{escaped}%", escape="\\"))
+    if cursor:
+        query = query.where(Task.id < decode_cursor(cursor))
+    rows = list(db.session.scalars(query.order_by(Task.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def cancel(user: User, task_id: int) -> Task:
+    """Cancel a PENDING or PROCESSING task; a running worker notices at its next write."""
+    task = get_task(user, task_id)
+    now = utcnow()
+    result = db.session.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.status.in_(UNFINISHED))
+        .values(
+            status=TaskStatus.CANCELLED.value,
+            error="Cancelled by the user.",
+            error_kind="cancelled",
+            lease_expires_at=None,
+            finished_at=now,
+        )
+    )
+    db.session.commit()
+    db.session.refresh(task)
+    if result.rowcount == 0:
+        raise ConflictError(f"Task {task.id} is already {task.status} and cannot be cancelled.")
+    _drop_job(task.job_id)
+    return task
+
+
+def _drop_job(job_id: str | None) -> None:
+    """Take a cancelled task's job out of its queue, if Redis still has it (best effort)."""
+    if not job_id:
+        return
+    try:
+        job = Job.fetch(job_id, connection=redis())
+        if job.get_status(refresh=False) in ("queued", "scheduled", "deferred"):
+            job.cancel()
+    except (NoSuchJobError, RedisError):
+        pass
+    except Exception:  # rq raises InvalidJobOperation and friends; none of it matters here.
+        log.debug("could not drop job %s", job_id, exc_info=True)
+
+
+def retry(user: User, task_id: int) -> Task:
+    """Run a FAILED or CANCELLED task again, with a fresh set of attempts."""
+    task = get_task(user, task_id)
+    result = db.session.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.status.in_((TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)))
+        .values(
+            status=TaskStatus.PENDING.value,
+            progress=0,
+            result=None,
+            error=None,
+            error_kind=None,
+            prompt_tokens=None,
+            completion_tokens=None,
+            started_at=None,
+            finished_at=None,
+            run_after=None,
+            # Attempts keep counting (they fence stale workers); the budget moves up instead.
+            max_attempts=Task.attempts + current_app.config["TASK_MAX_ATTEMPTS"],
+            job_id=new_job_id(task.id),
+        )
+    )
+    db.session.commit()
+    db.session.refresh(task)
+    if result.rowcount == 0:
+        raise ConflictError(f"Task {task.id} is {task.status}; only FAILED or CANCELLED tasks can be retried.")
+    _enqueue(task)
+    return task
+
+
+def delete_task(user: User, task_id: int) -> None:
+    """Delete a task, cancelling it first if it is still running."""
+    task = get_task(user, task_id)
+    job_id, unfinished = task.job_id, task.status in UNFINISHED
+    db.session.execute(delete(Task).where(Task.id == task.id))
+    db.session.commit()
+    if unfinished:
+        _drop_job(job_id)

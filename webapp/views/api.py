@@ -1,0 +1,181 @@
+"""JSON API v1: parse, call a service, return the task. Documented at /api/v1/openapi.json."""
+
+from __future__ import annotations
+
+from flask import current_app, g, jsonify, request, url_for
+from flask_openapi3 import APIBlueprint, Tag
+
+from .. import __version__
+from ..auth import api_user
+from ..catalog import catalog
+from ..errors import AuthError, ValidationError
+from ..schemas import (
+    ErrorEnvelope,
+    Health,
+    ModelList,
+    SubmitHeaders,
+    TaskCreate,
+    TaskList,
+    TaskOut,
+    TaskPath,
+    TaskQuery,
+)
+from ..services import health as health_service
+from ..services import tasks as service
+
+tasks_tag = Tag(name="tasks", description="Submit prompts and follow their answers")
+meta_tag = Tag(name="meta", description="Models and health")
+BEARER = [{"bearer": []}]
+# Errors any authenticated call can answer with, documented on every operation.
+COMMON = {401: ErrorEnvelope, 422: ErrorEnvelope, 429: ErrorEnvelope, 503: ErrorEnvelope}
+BODY_ERRORS = {400: ErrorEnvelope, 413: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope}
+PUBLIC_ENDPOINTS = {"api.health", "api.openapi"}
+
+
+def _operation_id(*, name: str, path: str, method: str) -> str:
+    return name  # the view's name: createTask-style ids without path noise
+
+
+bp = APIBlueprint("api", __name__, url_prefix="/api/v1", operation_id_callback=_operation_id)
+
+
+@bp.before_request
+def check_request():
+    """Refuse oversized bodies and unknown callers before anything touches the database."""
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and request.content_length > limit:
+        from werkzeug.exceptions import RequestEntityTooLarge
+
+        raise RequestEntityTooLarge()
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    user = api_user()
+    if user is None:
+        raise AuthError(
+            "Send a valid API token as 'Authorization: Bearer <token>' "
+            "(create one with `flask --app wsgi tokens create NAME`)."
+        )
+    g.user = user
+    if request.method == "POST" and request.endpoint == "api.create_task":
+        _require_json_object()
+    return None
+
+
+def _require_json_object() -> None:
+    """Make a bad body a 415, 400 or 422 with a plain message instead of a validation puzzle."""
+    from werkzeug.exceptions import BadRequest, UnsupportedMediaType
+
+    if not request.is_json:
+        raise UnsupportedMediaType("Send the task as JSON with 'Content-Type: application/json'.")
+    try:
+        body = request.get_json()
+    except BadRequest:
+        raise BadRequest("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ValidationError("The request body must be a JSON object.", {"body": "expected an object"})
+
+
+def _task_response(task, status: int):
+    headers = {"Location": url_for("api.get_task", task_id=task.id)}
+    return task.to_dict(), status, headers
+
+
+@bp.post(
+    "/tasks",
+    tags=[tasks_tag],
+    summary="Submit a prompt",
+    security=BEARER,
+    responses={202: TaskOut, **BODY_ERRORS, **COMMON},
+)
+def create_task(body: TaskCreate, header: SubmitHeaders):
+    """Record the task and queue it; poll the Location to follow it."""
+    params = body.params or None
+    submission = service.validate_submission(
+        body.prompt,
+        model=body.model,
+        priority=body.priority,
+        max_tokens=params.max_tokens if params else None,
+        temperature=params.temperature if params else None,
+        system=params.system if params else None,
+    )
+    task, _ = service.submit(g.user, submission, idempotency_key=header.idempotency_key)
+    return _task_response(task, 202)
+
+
+@bp.get(
+    "/tasks",
+    tags=[tasks_tag],
+    summary="List your tasks, newest first",
+    security=BEARER,
+    responses={200: TaskList, **COMMON},
+)
+def list_tasks(query: TaskQuery):
+    items, next_cursor = service.list_tasks(g.user, status=query.status, limit=query.limit, cursor=query.cursor)
+    return {"items": [task.to_dict() for task in items], "next_cursor": next_cursor}
+
+
+@bp.get(
+    "/tasks/<int:task_id>",
+    tags=[tasks_tag],
+    summary="One task, with the answer so far",
+    security=BEARER,
+    responses={200: TaskOut, 404: ErrorEnvelope, **COMMON},
+)
+def get_task(path: TaskPath):
+    return service.get_task(g.user, path.task_id).to_dict()
+
+
+@bp.post(
+    "/tasks/<int:task_id>/cancel",
+    tags=[tasks_tag],
+    summary="Cancel a pending or running task",
+    security=BEARER,
+    responses={200: TaskOut, 404: ErrorEnvelope, 409: ErrorEnvelope, **COMMON},
+)
+def cancel_task(path: TaskPath):
+    return service.cancel(g.user, path.task_id).to_dict()
+
+
+@bp.post(
+    "/tasks/<int:task_id>/retry",
+    tags=[tasks_tag],
+    summary="Run a failed or cancelled task again",
+    security=BEARER,
+    responses={202: TaskOut, 404: ErrorEnvelope, 409: ErrorEnvelope, **COMMON},
+)
+def retry_task(path: TaskPath):
+    return _task_response(service.retry(g.user, path.task_id), 202)
+
+
+@bp.delete(
+    "/tasks/<int:task_id>",
+    tags=[tasks_tag],
+    summary="Delete a task (cancelling it first if it runs)",
+    security=BEARER,
+    responses={204: None, 404: ErrorEnvelope, **COMMON},
+)
+def delete_task(path: TaskPath):
+    service.delete_task(g.user, path.task_id)
+    return "", 204
+
+
+@bp.get("/models", tags=[meta_tag], summary="Models you can use", security=BEARER, responses={200: ModelList, **COMMON})
+def list_models():
+    cat = catalog()
+    return {"items": [spec.public(cat.default) for spec in sorted(cat, key=lambda s: s.name)]}
+
+
+@bp.get(
+    "/health",
+    tags=[meta_tag],
+    summary="Database, Redis and workers",
+    responses={200: Health, 422: ErrorEnvelope, 503: Health},
+)
+def health():
+    report = health_service.report(current_app.config["APP_NAME"], __version__)
+    return report, 200 if report["status"] == "healthy" else 503
+
+
+@bp.get("/openapi.json", tags=[meta_tag], summary="This document", doc_ui=False)
+def openapi():
+    return jsonify(current_app.api_doc)

@@ -1,0 +1,98 @@
+"""One place decides how an error looks: the JSON envelope under /api/, a page elsewhere."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify, make_response, render_template, request
+from sqlalchemy.exc import DBAPIError, OperationalError
+from werkzeug.exceptions import HTTPException
+
+from ..errors import AppError
+from ..extensions import db
+
+log = logging.getLogger(__name__)
+
+CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
+MESSAGES = {
+    404: "There is nothing at this address.",
+    405: "This address does not accept that method.",
+    413: "The request body is larger than the 1 MiB limit.",
+    500: "Something went wrong on our side. It has been logged; please try again.",
+}
+
+
+def wants_json() -> bool:
+    return request.path.startswith("/api/")
+
+
+def error_response(status: int, message: str, details: dict | None = None, code: str | None = None, headers=None):
+    """Render an error for the caller: the JSON envelope for the API, a page otherwise."""
+    code = code or CODES.get(status, "error")
+    if wants_json():
+        response = jsonify({"error": {"code": code, "message": message, "details": details}})
+    else:
+        response = make_response(render_template("error.html", status=status, message=message, details=details))
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def validation_response(exc):
+    """Return the 422 envelope for a pydantic ValidationError, one message per field."""
+    details: dict[str, str] = {}
+    for item in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in item["loc"]) or "body"
+        details.setdefault(field, item["msg"])
+    summary = "; ".join(f"{field}: {msg}" for field, msg in details.items())
+    return error_response(422, f"The request is not valid: {summary}", details)
+
+
+def init_app(app: Flask) -> None:
+    @app.errorhandler(AppError)
+    def app_error(exc: AppError):
+        db.session.rollback()
+        return error_response(exc.status, exc.message, exc.details, exc.code)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if exc.response is not None:
+            return exc.response  # already rendered (request validation aborts with our envelope)
+        status = exc.code or 500
+        message = MESSAGES.get(status) if exc.description == type(exc).description else exc.description
+        headers = {"Retry-After": exc.retry_after} if getattr(exc, "retry_after", None) else None
+        return error_response(status, message or exc.description or exc.name, headers=headers)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(DBAPIError)
+    def database_error(exc):
+        db.session.rollback()
+        if isinstance(exc, OperationalError) or exc.connection_invalidated:
+            log.warning("database unavailable: %s", type(exc.orig).__name__)
+            return error_response(
+                503,
+                "The database is unavailable. Nothing was changed; try again in a few seconds.",
+                headers={"Retry-After": "5"},
+            )
+        log.exception("database error")
+        return error_response(500, MESSAGES[500])
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):
+        db.session.rollback()
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, MESSAGES[500])
