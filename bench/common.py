@@ -1,0 +1,134 @@
+"""Shared set-up for benchmarks: a bench database, servers under gunicorn, a user and a token."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg2
+from redis import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+DATABASE_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://root@127.0.0.1:5432/atr_bench")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": DATABASE_URL,
+        "REDIS_URL": REDIS_URL,
+        "SECRET_KEY": "bench",
+        "RATELIMIT_ENABLED": "false",
+        "PYTHONPATH": str(ROOT),
+        **extra,
+    }
+
+
+def reset_database() -> None:
+    """Create the bench database if needed, empty it, and apply the migrations."""
+    base, _, name = DATABASE_URL.rpartition("/")
+    admin = psycopg2.connect(f"{base}/postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if cur.fetchone() is None:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    admin.close()
+    conn = psycopg2.connect(DATABASE_URL)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    conn.close()
+    Redis.from_url(REDIS_URL).flushdb()
+    flask("db", "upgrade")
+
+
+def flask(*args: str, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", *args],
+        cwd=ROOT,
+        env=env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+def user_token(name: str = "bench") -> str:
+    flask("users", "create", name, "--password-stdin", stdin="bench-password\n")
+    return flask("tokens", "create", name).strip().splitlines()[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def gunicorn(app: str, workers: int = 1, threads: int = 4, **extra_env: str):
+    """Serve `app` (module:variable) on a free port; yield the port."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            app,
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            "--threads",
+            str(threads),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env(**extra_env),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def timed_posts(port: int, path: str, bodies: list[dict], headers: dict[str, str]) -> list[float]:
+    """POST each body in turn on one keep-alive connection; return the latencies in ms."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    latencies = []
+    for body in bodies:
+        data = json.dumps(body)
+        start = time.perf_counter()
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        response.read()
+        latencies.append((time.perf_counter() - start) * 1000)
+        if response.status != 202:
+            raise RuntimeError(f"POST {path} answered {response.status}")
+    conn.close()
+    return latencies
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": statistics.median(values), "p90": cuts[89], "p99": cuts[98], "mean": statistics.fmean(values)}
