@@ -9,7 +9,7 @@ from redis import Redis
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as cfg
-from .extensions import db, migrate
+from .extensions import csrf, db, limiter, login_manager, migrate
 from .schemas import ErrorEnvelope
 
 __version__ = "0.1.0"
@@ -54,8 +54,13 @@ def create_app(overrides: dict | None = None) -> App:
         hops = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
 
+    app.config.setdefault("RATELIMIT_STORAGE_URI", cfg.limiter_storage(app.config["REDIS_URL"]))
+
     db.init_app(app)
     migrate.init_app(app, db, directory=str(cfg.ROOT / "migrations"))
+    login_manager.init_app(app)
+    csrf.init_app(app)
+    limiter.init_app(app)
     # One client per process; it connects lazily. Short timeouts so a dead Redis fails fast.
     app.extensions["redis"] = Redis.from_url(
         app.config["REDIS_URL"], socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
@@ -65,11 +70,13 @@ def create_app(overrides: dict | None = None) -> App:
 
     app.extensions["catalog"] = load_catalog(app.config)
 
-    from . import cli
-    from .views import api, errors
+    from . import auth, cli  # noqa: F401 (auth registers the session user loader)
+    from .views import api, errors, pages
 
     errors.init_app(app)
     app.register_api(api.bp)
+    csrf.exempt(api.bp)  # bearer tokens only: no cookies, so no cross-site forgery
+    app.register_blueprint(pages.bp)
     cli.init_app(app)
     return app
 

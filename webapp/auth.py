@@ -1,9 +1,18 @@
-"""Who is calling: API tokens for scripts (sessions for browsers come with the pages)."""
+"""Who is calling: a session login for browsers, an API token for scripts. Never both.
+
+The API accepts only `Authorization: Bearer`; a session cookie is not a credential there, so a
+page cannot be tricked into calling the API, and the API needs no CSRF token.
+"""
 
 from __future__ import annotations
 
-from flask import request
+from functools import wraps
 
+from flask import flash, redirect, request, url_for
+from flask_login import current_user
+
+from .errors import ForbiddenError
+from .extensions import db, login_manager
 from .models import User
 from .services.accounts import user_for_token
 
@@ -20,3 +29,30 @@ def api_user() -> User | None:
     """Return the user of the request's bearer token; cookies are not credentials here."""
     token = bearer_token()
     return user_for_token(token) if token else None
+
+
+@login_manager.user_loader
+def load_user(user_id: str) -> User | None:
+    """Return the signed-in user; a disabled user is signed out at their next request."""
+    user = db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    return user if user is not None and user.is_active else None
+
+
+@login_manager.unauthorized_handler
+def unauthorized():
+    flash("Please sign in to continue.", "info")
+    return redirect(url_for("pages.login", next=request.full_path if request.query_string else request.path))
+
+
+def admin_required(view):
+    """Let only signed-in admins through: others are sent to sign in, or get a 403."""
+
+    @wraps(view)
+    def wrapped(*args, **kwargs):
+        if not current_user.is_authenticated:
+            return login_manager.unauthorized()
+        if not current_user.is_admin:
+            raise ForbiddenError("This page is for administrators.")
+        return view(*args, **kwargs)
+
+    return wrapped

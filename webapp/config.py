@@ -50,7 +50,19 @@ class Config:
     # addresses and https are read from X-Forwarded-*; 0 trusts no such header.
     TRUSTED_PROXIES = 0
 
+    # Flask-Limiter reads RATELIMIT_*; a Redis outage must not turn logins into errors.
     RATELIMIT_ENABLED = True
+    RATELIMIT_SWALLOW_ERRORS = True
+    RATELIMIT_HEADERS_ENABLED = True
+    SESSION_COOKIE_HTTPONLY = True
+    SESSION_COOKIE_SAMESITE = "Lax"
+    # True behind HTTPS (the Docker image sets it); plain-http `make run` needs it off.
+    SESSION_COOKIE_SECURE = False
+    REMEMBER_COOKIE_HTTPONLY = True
+    REMEMBER_COOKIE_SAMESITE = "Lax"
+    # CSRF tokens last as long as the session, so a page left open still submits.
+    WTF_CSRF_TIME_LIMIT = None
+
     METRICS_ENABLED = True
     METRICS_TOKEN: str | None = None
     LOG_FORMAT = "text"
@@ -105,6 +117,13 @@ def database_uri(url: str | None, instance: Path) -> str:
 def redis_url(url: str | None, instance: Path) -> str:
     """Return REDIS_URL, or the socket of the embedded Valkey under instance/."""
     return url or f"unix://{instance / 'valkey.sock'}"
+
+
+def limiter_storage(url: str) -> str:
+    """Return Flask-Limiter's storage URI for the app's Redis URL."""
+    if url.startswith("unix://"):
+        return "redis+unix://" + url[len("unix://") :]
+    return url
 
 
 def secret_key(configured: str | None, app_env: str, instance: Path) -> str:

@@ -1,7 +1,11 @@
 """Extensions, created unbound here and bound to the app in create_app."""
 
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from flask_login import LoginManager
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
+from flask_wtf import CSRFProtect
 from sqlalchemy import MetaData
 
 # Named constraints so Alembic can alter them, on SQLite (batch mode) as well.
@@ -16,3 +20,7 @@ NAMING = {
 # Objects stay readable after commit without a reload; code that needs fresh state refreshes.
 db = SQLAlchemy(metadata=MetaData(naming_convention=NAMING), session_options={"expire_on_commit": False})
 migrate = Migrate(render_as_batch=True, compare_type=True)
+login_manager = LoginManager()
+csrf = CSRFProtect()
+# Limits are declared where they apply; the storage is the app's Redis (see create_app).
+limiter = Limiter(key_func=get_remote_address)

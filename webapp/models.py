@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from datetime import UTC, datetime
 
+from flask_login import UserMixin
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -67,7 +68,7 @@ UNFINISHED = (TaskStatus.PENDING.value, TaskStatus.PROCESSING.value)
 FINISHED = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
 
 
-class User(db.Model):
+class User(UserMixin, db.Model):
     __tablename__ = "users"
     # Names are unique ignoring case, so "Admin" cannot shadow "admin".
     __table_args__ = (Index("ix_users_username_lower", text("lower(username)"), unique=True),)

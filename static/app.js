@@ -1,0 +1,2 @@
+// Small behaviours that need script; pages work without it.
+"use strict";
