@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 import time
 
@@ -17,11 +16,9 @@ from webapp.catalog import catalog
 from webapp.queues import enqueue_task
 from webapp.services.tasks import job_timeout
 
-from . import progress
+from . import events, progress
 from .progress import Claim, LeaseKeeper
 from .provider import ProviderError, Usage, stream_answer
-
-log = logging.getLogger(__name__)
 
 
 class TaskAttemptError(Exception):
@@ -47,9 +44,9 @@ def run_task(task_id: int) -> str:
     job_id = job.id if job else "-"
     task = progress.claim(task_id)
     if task is None:
-        log.info("task %s job %s: not PENDING any more (duplicate or cancelled); nothing to do", task_id, job_id)
+        events.skipped(task_id, job_id)
         return "skipped"
-    log.info("task %s job %s: attempt %s/%s on %s", task_id, job_id, task.attempt, task.max_attempts, task.model)
+    events.claimed(task, job_id)
     try:
         return _attempt(task, job_id)
     except TaskAttemptError:
@@ -60,10 +57,10 @@ def run_task(task_id: int) -> str:
     except DBAPIError:
         # The database blinked: leave the task PROCESSING; its lease runs out and the sweeper
         # hands it back. Never mark it failed for this.
-        log.warning("task %s job %s: database error; the sweeper will take it back", task_id, job_id)
+        events.database_lost(task, job_id)
         raise
     except Exception as exc:
-        log.exception("task %s job %s: unexpected error", task_id, job_id)
+        events.crashed(task, job_id)
         with contextlib.suppress(DBAPIError):
             progress.fail(
                 task,
@@ -83,12 +80,13 @@ def _attempt(task: Claim, job_id: str) -> str:
             "unknown_model",
             f"The model {task.model!r} is no longer offered. Submit the prompt again with another model.",
         )
+        events.failed(task, job_id, "unknown_model")
         return "failed"
     budget = task.params.get("max_tokens") or spec.default_max_tokens
     interval = current_app.config["PROGRESS_INTERVAL"]
     usage = Usage()
     pieces: list[str] = []
-    last_write = time.monotonic()
+    started = last_write = time.monotonic()
     with LeaseKeeper(current_app._get_current_object(), task) as keeper:
         try:
             for piece in stream_answer(spec, task.prompt, task.params, usage):
@@ -107,14 +105,15 @@ def _attempt(task: Claim, job_id: str) -> str:
     if not text.strip():
         err = ProviderError("empty_answer", "The model returned an empty answer.", transient=True)
         return _failed_attempt(task, job_id, err, text)
-    if not progress.complete(task, text, usage.prompt_tokens, usage.completion_tokens or len(pieces)):
+    tokens = usage.completion_tokens or len(pieces)
+    if not progress.complete(task, text, usage.prompt_tokens, tokens):
         return _gone(task, job_id)
-    log.info("task %s job %s: completed (%s tokens)", task.task_id, job_id, usage.completion_tokens or len(pieces))
+    events.completed(task, job_id, tokens, time.monotonic() - started)
     return "completed"
 
 
 def _gone(task: Claim, job_id: str) -> str:
-    log.info("task %s job %s: cancelled, deleted or taken back while running; stopped", task.task_id, job_id)
+    events.stopped(task, job_id)
     return "stopped"
 
 
@@ -130,12 +129,12 @@ def _failed_attempt(task: Claim, job_id: str, err: ProviderError, text: str) -> 
             next_job = None  # the sweeper enqueues it once it is due
         message = f"{err.message} Attempt {task.attempt} of {task.max_attempts} failed; retrying in {delay:.0f} s."
         progress.hand_back(task, err.kind, message, delay, next_job)
-        log.warning("task %s job %s: %s; retry in %.1f s as %s", task.task_id, job_id, err.kind, delay, next_job)
+        events.retrying(task, job_id, err, delay, next_job)
     else:
         if err.transient:
             message = f"{err.message} Gave up after {task.attempt} attempts; retry the task later."
         else:
             message = err.message
         progress.fail(task, err.kind, message, text)
-        log.warning("task %s job %s: failed (%s)", task.task_id, job_id, err.kind)
+        events.failed(task, job_id, err.kind)
     raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: {err.kind}")

@@ -60,7 +60,7 @@ def test_a_real_worker_process_runs_tasks(app, test_env, fake_provider):
         assert result["status"] == "COMPLETED", result
         assert result["result"] == f"Echo: {task['prompt']}"
     # Every log line about a task names the task and its job.
-    lines = [line for line in done.stderr.splitlines() if "jobs.run_task" in line]
+    lines = [line for line in done.stderr.splitlines() if "jobs.events" in line]
     assert lines and all(" task " in line and " job task-" in line for line in lines)
 
 
