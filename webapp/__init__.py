@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as cfg
 from .extensions import csrf, db, limiter, login_manager, migrate
-from .schemas import ErrorEnvelope
+from .schemas import PROMPT_CEILING, ErrorEnvelope
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,8 @@ def create_app(overrides: dict | None = None) -> App:
     app.config.from_object(cfg.Config)
     app.config.update(cfg.from_environment(cfg.Config))
     app.config.update(overrides or {})
+    if not 1 <= app.config["PROMPT_MAX_CHARS"] <= PROMPT_CEILING:
+        raise ValueError(f"PROMPT_MAX_CHARS must be between 1 and {PROMPT_CEILING:,}")
     instance = Path(app.instance_path)
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", cfg.database_uri(app.config["DATABASE_URL"], instance))
     app.config["REDIS_URL"] = cfg.redis_url(app.config["REDIS_URL"], instance)

@@ -7,6 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The API's ceiling for a prompt; PROMPT_MAX_CHARS may lower it, not raise it.
+PROMPT_CEILING = 32_000
+
 Status = Literal["PENDING", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
 
 
@@ -27,7 +30,11 @@ class TaskParams(Strict):
 
 
 class TaskCreate(Strict):
-    prompt: str = Field(min_length=1, max_length=32_000, description="The prompt (1-32,000 characters by default).")
+    prompt: str = Field(
+        min_length=1,
+        max_length=PROMPT_CEILING,
+        description="The prompt (1-32,000 characters; an operator may set less).",
+    )
     model: str | None = Field(
         None, max_length=100, description="A model name from GET /models; the default model when absent."
     )
