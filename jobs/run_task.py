@@ -138,4 +138,4 @@ def _failed_attempt(task: Claim, job_id: str, err: ProviderError, text: str) -> 
             message = err.message
         progress.fail(task, err.kind, message, text)
         events.failed(task, job_id, err.kind)
-    raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: {err.kind}")
+    raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: {err.kind}") from None
