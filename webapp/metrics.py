@@ -152,7 +152,7 @@ class AppCollector:
         from .services.stats import status_counts
 
         gauge = GaugeMetricFamily("atr_tasks", "Tasks in the database by status, now.", labels=["status"])
-        for status, count in status_counts().items():
+        for status, count in status_counts(self.connection).items():
             gauge.add_metric([status], count)
         yield gauge
 

@@ -203,9 +203,31 @@ def per_minute(now: datetime) -> list[Bucket]:
     ]
 
 
+def _empty() -> dict:
+    """A rollup: what finished in some hours, in a JSON-friendly shape that merges by addition."""
+    return {"hours": {}, "failures": {}, "tokens_model": {}, "tokens_user": {}}
+
+
+def _merge(into: dict, other: dict) -> dict:
+    for hour, (completed, failed) in other["hours"].items():
+        c, f = into["hours"].get(hour, (0, 0))
+        into["hours"][hour] = [c + completed, f + failed]
+    for model, kinds in other["failures"].items():
+        mine = into["failures"].setdefault(model, {})
+        for kind, n in kinds.items():
+            mine[kind] = mine.get(kind, 0) + n
+    for table in ("tokens_model", "tokens_user"):
+        for key, (prompt, completion) in other[table].items():
+            p, c = into[table].get(key, (0, 0))
+            into[table][key] = [p + prompt, c + completion]
+    return into
+
+
 def _aggregate_hours(first: int, end: int, now: datetime) -> dict[int, dict]:
-    """Aggregate the hours [first, end) from the table: two queries over that range."""
-    hours = {h: {"completed": 0, "failed": 0, "failures": [], "tokens": []} for h in range(first, end)}
+    """Roll up each hour in [first, end) from the table: two queries over that range."""
+    hours = {h: _empty() for h in range(first, end)}
+    for h, rollup in hours.items():
+        rollup["hours"][str(h)] = [0, 0]
     window = (Task.finished_at >= _at(first, 3600, now), Task.finished_at < _at(end, 3600, now))
     bucket = _bucket(Task.finished_at, 3600).label("bucket")
     kind = func.coalesce(Task.error_kind, "unknown").label("kind")
@@ -215,12 +237,14 @@ def _aggregate_hours(first: int, end: int, now: datetime) -> dict[int, dict]:
         .group_by(bucket, Task.status, Task.model, kind)
     ).all()
     for index, status, model, kind_, n in outcomes:
-        hour = hours[int(index)]
+        rollup = hours[int(index)]
+        counts = rollup["hours"][str(int(index))]
         if status == TaskStatus.COMPLETED.value:
-            hour["completed"] += n
+            counts[0] += n
         else:
-            hour["failed"] += n
-            hour["failures"].append([model, kind_, n])
+            counts[1] += n
+            kinds = rollup["failures"].setdefault(model, {})
+            kinds[kind_] = kinds.get(kind_, 0) + n
     used = db.session.execute(
         select(
             bucket,
@@ -233,29 +257,45 @@ def _aggregate_hours(first: int, end: int, now: datetime) -> dict[int, dict]:
         .group_by(bucket, Task.model, Task.user_id)
     ).all()
     for index, model, user_id, prompt, completion in used:
-        hours[int(index)]["tokens"].append([model, user_id, int(prompt), int(completion)])
+        rollup = hours[int(index)]
+        for table, key in (("tokens_model", model), ("tokens_user", str(user_id))):
+            p, c = rollup[table].get(key, (0, 0))
+            rollup[table][key] = [p + int(prompt), c + int(completion)]
     return hours
 
 
-def per_hour_rollups(now: datetime, cache: Cache) -> dict[int, dict]:
-    """Return the rollup of each of the last 24 hours (the current one included), oldest first.
+def last_day(now: datetime, cache: Cache) -> dict:
+    """Return the rollup of the last 24 hours (the current one included).
 
-    Settled hours come from the cache when they can; the missing ones are aggregated in one
-    range, usually just the current hour.
+    The settled hours are folded into one cached rollup, built from per-hour rollups (cached
+    too, so the next hour's fold reads 22 of them and aggregates one); the hours not settled
+    yet, usually just the current one, are read from the table on every call.
     """
     current = math.floor(now.timestamp() / 3600)
     hours = list(range(current - 23, current + 1))
     settled_before = (now - SETTLE).timestamp()
     settled = [h for h in hours if (h + 1) * 3600 <= settled_before]
-    rollups = {
-        h: value for h, value in zip(settled, cache.get_many([f"hour:{h}" for h in settled]), strict=True) if value
-    }
-    missing = [h for h in hours if h not in rollups]
-    if missing:
-        computed = _aggregate_hours(missing[0], missing[-1] + 1, now)
-        rollups.update({h: computed[h] for h in missing})
-        cache.put_many({f"hour:{h}": computed[h] for h in missing if h in settled}, ttl=26 * 3600)
-    return {h: rollups[h] for h in hours}
+    fresh = [h for h in hours if h not in settled]
+    total = _empty()
+    if settled:
+        name = f"day:{settled[0]}:{settled[-1]}"
+        (folded,) = cache.get_many([name])
+        if folded is None:
+            names = [f"hour:{h}" for h in settled]
+            per_hour = dict(zip(settled, cache.get_many(names), strict=True))
+            missing = [h for h, value in per_hour.items() if value is None]
+            if missing:
+                computed = _aggregate_hours(missing[0], missing[-1] + 1, now)
+                per_hour.update({h: computed[h] for h in missing})
+                cache.put_many({f"hour:{h}": computed[h] for h in missing}, ttl=26 * 3600)
+            folded = _empty()
+            for h in settled:
+                _merge(folded, per_hour[h])
+            cache.put_many({name: folded}, ttl=2 * 3600)
+        _merge(total, folded)
+    for rollup in _aggregate_hours(fresh[0], fresh[-1] + 1, now).values():
+        _merge(total, rollup)
+    return total
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -327,26 +367,20 @@ def workers_online(connection: Redis) -> int:
     return Worker.count(connection=connection)
 
 
-def _summarise(rollups: dict[int, dict], now: datetime):
-    per_hour = [Bucket(_at(h, 3600, now), r["completed"], r["failed"]) for h, r in rollups.items()]
-    fails: dict[tuple[str, str], int] = {}
-    by_model: dict[str, list[int]] = {}
-    by_user: dict[int, list[int]] = {}
-    for rollup in rollups.values():
-        for model, kind, n in rollup["failures"]:
-            fails[(model, kind)] = fails.get((model, kind), 0) + n
-        for model, user_id, prompt, completion in rollup["tokens"]:
-            for key, table in ((model, by_model), (user_id, by_user)):
-                sums = table.setdefault(key, [0, 0])
-                sums[0] += prompt
-                sums[1] += completion
-    failures = sorted(((m, k, n) for (m, k), n in fails.items()), key=lambda row: (-row[2], row[0], row[1]))
-    tokens_by_model = sorted(
-        ((m, p, c) for m, (p, c) in by_model.items()), key=lambda row: (-(row[1] + row[2]), row[0])
+def _summarise(day: dict, now: datetime):
+    current = math.floor(now.timestamp() / 3600)
+    per_hour = [Bucket(_at(h, 3600, now), *day["hours"].get(str(h), (0, 0))) for h in range(current - 23, current + 1)]
+    failures = sorted(
+        ((model, kind, n) for model, kinds in day["failures"].items() for kind, n in kinds.items()),
+        key=lambda row: (-row[2], row[0], row[1]),
     )
-    top = sorted(by_user.items(), key=lambda item: (-(item[1][0] + item[1][1]), item[0]))[:TOP_USERS]
-    names = dict(db.session.execute(select(User.id, User.username).where(User.id.in_([u for u, _ in top]))).all())
-    tokens_by_user = [(names.get(user_id, f"#{user_id}"), p, c) for user_id, (p, c) in top]
+    tokens_by_model = sorted(
+        ((m, p, c) for m, (p, c) in day["tokens_model"].items()), key=lambda row: (-(row[1] + row[2]), row[0])
+    )
+    top = sorted(day["tokens_user"].items(), key=lambda item: (-(item[1][0] + item[1][1]), int(item[0])))[:TOP_USERS]
+    ids = [int(user_id) for user_id, _ in top]
+    names = dict(db.session.execute(select(User.id, User.username).where(User.id.in_(ids))).all()) if ids else {}
+    tokens_by_user = [(names.get(int(user_id), f"#{user_id}"), p, c) for user_id, (p, c) in top]
     return per_hour, failures, tokens_by_model, tokens_by_user
 
 
@@ -354,7 +388,7 @@ def snapshot(connection: Redis, now: datetime | None = None) -> Snapshot:
     """Return everything the stats page shows; Redis being down blanks only its part."""
     now = now or utcnow()
     cache = Cache(connection)
-    per_hour, fails, tokens_by_model, tokens_by_user = _summarise(per_hour_rollups(now, cache), now)
+    per_hour, fails, tokens_by_model, tokens_by_user = _summarise(last_day(now, cache), now)
     snap = Snapshot(
         now=now,
         statuses=status_counts(connection, now),
