@@ -304,11 +304,15 @@ def test_worker_logs_are_json_lines_with_task_and_job_ids(app, test_env):
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]  # every line is JSON
     events = [line for line in lines if line["logger"] == "jobs.events"]
-    assert {e["task_id"] for e in events} == {t["id"] for t in tasks}
+    ids = {t["id"] for t in tasks}
+    assert {e["task_id"] for e in events} == ids
     assert all(e["job_id"].startswith(f"task-{e['task_id']}-") for e in events)
     assert all({"time", "level", "message"} <= set(e) for e in events)
-    # RQ's own worker lines go through the same formatter.
-    assert any(line["logger"] == "rq.worker" for line in lines)
+    # RQ's own worker lines go through the same formatter, and those about a job name it too.
+    rq_lines = [line for line in lines if line["logger"] == "rq.worker"]
+    about_jobs = [line for line in rq_lines if "task-" in line["message"]]
+    assert rq_lines and about_jobs
+    assert all(line["job_id"] in line["message"] and line["task_id"] in ids for line in about_jobs)
     assert all(api.task(t["id"])["status"] == "COMPLETED" for t in tasks)
 
 

@@ -19,24 +19,38 @@ JOB_ID = re.compile(r"^task-(\d+)-")
 
 
 class JobContext(logging.Filter):
-    """Add `job_id` and `task_id` to records written while an RQ job runs in this process."""
+    """Add `job_id` and `task_id` to records about a job: written while it runs, or naming it.
+
+    A forking RQ worker logs about a job from the parent process (dequeued, finished), where no
+    job is current; those lines pass the job id as an argument, which is picked up here.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "job_id", None) is None:
-            from rq import get_current_job
-
-            try:
-                job = get_current_job()
-            except Exception:  # no job context here (web, scheduler): nothing to add
-                job = None
-            if job is not None:
-                record.job_id = job.id
+            record.job_id = self._current_job_id() or self._job_id_in_args(record)
+            if record.job_id is None:
+                del record.job_id
         job_id = getattr(record, "job_id", None)
         if getattr(record, "task_id", None) is None and job_id:
             match = JOB_ID.match(str(job_id))
             if match:
                 record.task_id = int(match.group(1))
         return True
+
+    @staticmethod
+    def _current_job_id() -> str | None:
+        from rq import get_current_job
+
+        try:
+            job = get_current_job()
+        except Exception:  # no job context here (web, scheduler): nothing to add
+            return None
+        return job.id if job is not None else None
+
+    @staticmethod
+    def _job_id_in_args(record: logging.LogRecord) -> str | None:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return next((arg for arg in args if isinstance(arg, str) and JOB_ID.match(arg)), None)
 
 
 def formatter(log_format: str) -> logging.Formatter:
