@@ -396,3 +396,46 @@ def test_user_actions_need_csrf(client, app):
     assert client.post(f"/admin/users/{gil}/active", data={"active": "0"}).status_code == 400
     forged = {"action": "delete", "up_to_id": "99", "count": "1"}
     assert client.post("/admin/tasks/apply", data=forged).status_code == 400
+
+
+def test_the_dashboard_shows_a_busy_worker_and_its_job(client, app, api, test_env):
+    """Its workers view reads each busy worker's job: with our JSON jobs, not pickle."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    task = api.submit('#fake {"chunks": 30, "delay": 0.2}\nkeeps a worker busy')
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "worker", "--burst"], cwd=ROOT, env=test_env
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while task_row(app, task["id"]).status != "PROCESSING" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signed_in(app, client, "admin")
+        response = client.get("/admin/rq/0/data/workers.json")
+        assert response.status_code == 200
+        [busy] = response.get_json()["workers"]
+        assert busy["state"] == "busy" and busy["current_job"]["description"] == f"task {task['id']}"
+        assert client.get("/admin/rq/0/view/workers").status_code == 200
+    finally:
+        worker.wait(60)
+
+
+def test_requeueing_a_failed_job_from_the_dashboard_is_harmless(client, app, api, fake_provider):
+    fake_provider.script("refused for good", {"status": 400})
+    task = api.submit("refused for good")
+    work(app)
+    assert api.task(task["id"])["status"] == "FAILED"
+    signed_in(app, client, "admin")
+    failed = client.get("/admin/rq/0/data/jobs/default/failed/8/asc/1.json").get_json()["jobs"]
+    assert [job["description"] for job in failed] == [f"task {task['id']}"]
+    assert "TaskAttemptError" in failed[0]["exc_info"] and "refused" not in failed[0]["exc_info"]
+    client.get("/admin/rq/0/view/jobs")
+    token = client.get_cookie("_csrf_token", path="/admin/rq").value
+    response = client.post(f"/admin/rq/job/{failed[0]['id']}/requeue", headers={"X-CSRFToken": token})
+    assert response.status_code == 200 and response.get_json()["status"] == "OK"
+    work(app)  # the requeued job finds its task FAILED, claims nothing and ends
+    assert api.task(task["id"])["status"] == "FAILED" and len(fake_provider.calls_for("refused for good")) == 1

@@ -16,9 +16,13 @@ is re-enqueued by the sweeper; a requeued job whose task is finished claims noth
 
 from __future__ import annotations
 
+import functools
+
 from flask import Flask, Response, abort, current_app, jsonify, request
 from flask_login import current_user
 from flask_wtf.csrf import generate_csrf
+from rq import Worker
+from rq.job import requeue_job
 from rq.serializers import JSONSerializer
 
 from .auth import login_manager
@@ -72,16 +76,29 @@ def csrf_cookie(response: Response) -> Response:
     return response
 
 
+class JSONWorker(Worker):
+    """RQ's Worker, read with our serializer: rq-dashboard's workers view fetches each busy worker's
+    job through `Worker.all()`, which otherwise unpickles it (and fails on JSON with a 500)."""
+
+    @classmethod
+    def all(cls, connection=None, job_class=None, queue_class=None, queue=None, serializer=None):
+        return super().all(connection, job_class, queue_class, queue, serializer or JSONSerializer)
+
+
 def init_app(app: Flask) -> None:
     import rq_dashboard
-    from rq_dashboard.web import config as dashboard_config
+    import rq_dashboard.web as dashboard
     from rq_dashboard.web import setup_rq_connection
 
     # The same Redis as the app, embedded Valkey socket (unix://) included.
     app.config.setdefault("RQ_DASHBOARD_REDIS_URL", app.config["REDIS_URL"])
     app.config.setdefault("RQ_DASHBOARD_POLL_INTERVAL", 5000)
     # Its default is pickle; our jobs are JSON (and pickle from Redis would be code execution).
-    dashboard_config.serializer = JSONSerializer
+    # Its config object covers queues and job details; two more places take no serializer in
+    # 0.9 (the workers view and requeue), so they get one here.
+    dashboard.config.serializer = JSONSerializer
+    dashboard.Worker = JSONWorker
+    dashboard.requeue_job = functools.partial(requeue_job, serializer=JSONSerializer)
     app.before_request(guard)
     app.after_request(csrf_cookie)
     app.register_blueprint(rq_dashboard.blueprint, url_prefix=PREFIX)
