@@ -129,10 +129,6 @@ def _ordered(name: str, labels: dict, specs: dict) -> list[str]:
     return [str(labels[label]) for label in specs[name].labels]
 
 
-def batch() -> Batch:
-    return Batch()
-
-
 def submitted(model: str) -> None:
     """Count a submission (called by the web process after the task is committed)."""
     Batch().inc("atr_tasks_submitted", model=model).send()

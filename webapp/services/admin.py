@@ -146,7 +146,7 @@ def apply(action: str, task_filter: TaskFilter, up_to_id: int) -> int:
     if action in ("retry", "delete") and done:
         # Old finished tasks left or reopened: cached figures of past hours are stale now.
         stats.forget(redis())
-    log.info("admin bulk %s: %s %s (%s)", action, done, "tasks", task_filter.describe())
+    log.info("admin bulk %s: %s tasks (%s)", action, done, task_filter.describe())
     return done
 
 
