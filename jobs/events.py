@@ -1,12 +1,18 @@
 """What happens to a task inside a worker, reported in one place.
 
-Each function is one event of an attempt. Today they write one log line each, naming the task
-and its job; metrics hang off the same calls, so the job code says what happened once.
+Each function is one event of an attempt: one log line naming the task and its job (also as
+`task_id` / `job_id` fields, for JSON logs), and the metrics of that event, sent to Redis in one
+round trip (webapp/metrics.py), so the job code says what happened once.
 """
 
 from __future__ import annotations
 
 import logging
+
+from rq import get_current_job
+
+from webapp.metrics import Batch
+from webapp.models import utcnow
 
 from .progress import Claim
 from .provider import ProviderError
@@ -14,35 +20,118 @@ from .provider import ProviderError
 log = logging.getLogger("jobs.events")
 
 
+def _ids(task_id: int, job_id: str) -> dict:
+    return {"extra": {"task_id": task_id, "job_id": job_id}}
+
+
+def _queue_wait() -> float | None:
+    """Return the seconds the running job waited in its queue (since RQ enqueued it), if known."""
+    job = get_current_job()
+    if job is None or job.enqueued_at is None:
+        return None
+    enqueued = job.enqueued_at
+    if enqueued.tzinfo is None:  # RQ stores UTC
+        enqueued = enqueued.replace(tzinfo=utcnow().tzinfo)
+    return (utcnow() - enqueued).total_seconds()
+
+
 def skipped(task_id: int, job_id: str) -> None:
     """The job found its task not PENDING: a duplicate delivery, or it was cancelled."""
-    log.info("task %s job %s: not PENDING any more (duplicate or cancelled); nothing to do", task_id, job_id)
+    log.info(
+        "task %s job %s: not PENDING any more (duplicate or cancelled); nothing to do",
+        task_id,
+        job_id,
+        **_ids(task_id, job_id),
+    )
 
 
 def claimed(task: Claim, job_id: str) -> None:
-    log.info("task %s job %s: attempt %s/%s on %s", task.task_id, job_id, task.attempt, task.max_attempts, task.model)
+    log.info(
+        "task %s job %s: attempt %s/%s on %s",
+        task.task_id,
+        job_id,
+        task.attempt,
+        task.max_attempts,
+        task.model,
+        **_ids(task.task_id, job_id),
+    )
+    batch = Batch().inc("atr_task_attempts", model=task.model)
+    wait = _queue_wait()
+    if wait is not None:
+        batch.observe("atr_task_queue_wait_seconds", wait, model=task.model)
+    batch.send()
 
 
-def completed(task: Claim, job_id: str, completion_tokens: int, seconds: float) -> None:
-    log.info("task %s job %s: completed (%s tokens in %.1f s)", task.task_id, job_id, completion_tokens, seconds)
+def completed(
+    task: Claim, job_id: str, completion_tokens: int, seconds: float, prompt_tokens: int | None = None
+) -> None:
+    log.info(
+        "task %s job %s: completed (%s tokens in %.1f s)",
+        task.task_id,
+        job_id,
+        completion_tokens,
+        seconds,
+        **_ids(task.task_id, job_id),
+    )
+    (
+        Batch()
+        .inc("atr_tasks_completed", model=task.model)
+        .inc("atr_tokens", completion_tokens or 0, model=task.model, type="completion")
+        .inc("atr_tokens", prompt_tokens or 0, model=task.model, type="prompt")
+        .observe("atr_task_run_seconds", seconds, model=task.model)
+        .send()
+    )
 
 
 def stopped(task: Claim, job_id: str) -> None:
     """The task was cancelled, deleted or taken back while the attempt ran."""
-    log.info("task %s job %s: cancelled, deleted or taken back while running; stopped", task.task_id, job_id)
+    log.info(
+        "task %s job %s: cancelled, deleted or taken back while running; stopped",
+        task.task_id,
+        job_id,
+        **_ids(task.task_id, job_id),
+    )
+    Batch().inc("atr_tasks_stopped", model=task.model).send()
 
 
 def retrying(task: Claim, job_id: str, err: ProviderError, delay: float, next_job: str | None) -> None:
-    log.warning("task %s job %s: %s; retry in %.1f s as %s", task.task_id, job_id, err.kind, delay, next_job)
+    log.warning(
+        "task %s job %s: %s; retry in %.1f s as %s",
+        task.task_id,
+        job_id,
+        err.kind,
+        delay,
+        next_job,
+        **_ids(task.task_id, job_id),
+    )
+    (
+        Batch()
+        .inc("atr_task_retries", model=task.model, kind=err.kind)
+        .inc("atr_provider_errors", model=task.model, kind=err.kind)
+        .send()
+    )
 
 
 def failed(task: Claim, job_id: str, kind: str) -> None:
-    log.warning("task %s job %s: failed (%s)", task.task_id, job_id, kind)
+    log.warning("task %s job %s: failed (%s)", task.task_id, job_id, kind, **_ids(task.task_id, job_id))
+    (
+        Batch()
+        .inc("atr_tasks_failed", model=task.model, kind=kind)
+        .inc("atr_provider_errors", model=task.model, kind=kind)
+        .send()
+    )
 
 
 def database_lost(task: Claim, job_id: str) -> None:
-    log.warning("task %s job %s: database error; the sweeper will take it back", task.task_id, job_id)
+    log.warning(
+        "task %s job %s: database error; the sweeper will take it back",
+        task.task_id,
+        job_id,
+        **_ids(task.task_id, job_id),
+    )
+    Batch().inc("atr_provider_errors", model=task.model, kind="database").send()
 
 
 def crashed(task: Claim, job_id: str) -> None:
-    log.exception("task %s job %s: unexpected error", task.task_id, job_id)
+    log.exception("task %s job %s: unexpected error", task.task_id, job_id, **_ids(task.task_id, job_id))
+    Batch().inc("atr_provider_errors", model=task.model, kind="internal").send()

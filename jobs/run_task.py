@@ -58,7 +58,8 @@ def run_task(task_id: int) -> str:
         # The database blinked: leave the task PROCESSING; its lease runs out and the sweeper
         # hands it back. Never mark it failed for this.
         events.database_lost(task, job_id)
-        raise
+        # Not the DBAPIError itself: RQ keeps exception text in Redis, and it names the SQL's values.
+        raise TaskAttemptError(f"task {task_id} attempt {task.attempt}: database error") from None
     except Exception as exc:
         events.crashed(task, job_id)
         with contextlib.suppress(DBAPIError):
@@ -108,7 +109,7 @@ def _attempt(task: Claim, job_id: str) -> str:
     tokens = usage.completion_tokens or len(pieces)
     if not progress.complete(task, text, usage.prompt_tokens, tokens):
         return _gone(task, job_id)
-    events.completed(task, job_id, tokens, time.monotonic() - started)
+    events.completed(task, job_id, tokens, time.monotonic() - started, usage.prompt_tokens)
     return "completed"
 
 
@@ -137,4 +138,4 @@ def _failed_attempt(task: Claim, job_id: str, err: ProviderError, text: str) -> 
             message = err.message
         progress.fail(task, err.kind, message, text)
         events.failed(task, job_id, err.kind)
-    raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: {err.kind}")
+    raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: {err.kind}") from None

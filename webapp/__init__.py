@@ -10,6 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as cfg
 from .extensions import csrf, db, limiter, login_manager, migrate
+from .logs import setup_logging
 from .schemas import PROMPT_CEILING, ErrorEnvelope
 
 __version__ = "0.1.0"
@@ -72,13 +73,19 @@ def create_app(overrides: dict | None = None) -> App:
 
     app.extensions["catalog"] = load_catalog(app.config)
 
-    from . import auth, cli  # noqa: F401 (auth registers the session user loader)
+    from . import admin, auth, cli, metrics  # noqa: F401 (auth registers the session user loader)
+    from .views import admin as admin_views
     from .views import api, errors, pages
 
+    if not app.config.get("TESTING"):
+        setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     errors.init_app(app)
     app.register_api(api.bp)
     csrf.exempt(api.bp)  # bearer tokens only: no cookies, so no cross-site forgery
     app.register_blueprint(pages.bp)
+    app.register_blueprint(admin_views.bp)
+    app.register_blueprint(metrics.bp)
+    admin.init_app(app)
     cli.init_app(app)
     return app
 

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 import click
 from flask import Flask, current_app
@@ -13,6 +14,7 @@ from flask.cli import AppGroup, with_appcontext
 
 from .errors import AppError
 from .extensions import db
+from .logs import setup_logging
 from .models import User
 from .queues import QUEUE_NAMES
 from .services import accounts
@@ -22,11 +24,7 @@ tokens = AppGroup("tokens", help="Manage API tokens.")
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(
-        level=current_app.config["LOG_LEVEL"],
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(current_app.config["LOG_LEVEL"], current_app.config["LOG_FORMAT"])
 
 
 def _fail(exc: AppError):
@@ -93,28 +91,52 @@ def sweep() -> None:
     click.echo(str(run_sweep()))
 
 
+@click.command("cleanup")
+@with_appcontext
+def cleanup() -> None:
+    """Delete finished tasks older than RETENTION_DAYS (one pass)."""
+    from .services.retention import cleanup as run_cleanup
+
+    click.echo(
+        f"retention: deleted {run_cleanup()} finished tasks older than {current_app.config['RETENTION_DAYS']} days"
+    )
+
+
 @click.command("scheduler")
 @with_appcontext
 def scheduler() -> None:
-    """Run the sweeper every SWEEP_INTERVAL seconds until stopped."""
+    """Run the periodic work until stopped: the sweeper every SWEEP_INTERVAL, the cleanup every CLEANUP_INTERVAL."""
     from jobs.sweeper import sweep as run_sweep
+
+    from .services.retention import cleanup as run_cleanup
 
     _setup_logging()
     log = logging.getLogger("scheduler")
-    interval = current_app.config["SWEEP_INTERVAL"]
+    config = current_app.config
+    duties = [(run_sweep, config["SWEEP_INTERVAL"]), (run_cleanup, config["CLEANUP_INTERVAL"])]
+    due = [0.0] * len(duties)  # monotonic time each duty is next due: both run at start
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("sweeping every %s s", interval)
+    log.info(
+        "sweeping every %s s, deleting finished tasks older than %s days every %s s",
+        config["SWEEP_INTERVAL"],
+        config["RETENTION_DAYS"],
+        config["CLEANUP_INTERVAL"],
+    )
     while not stop.is_set():
-        try:
-            run_sweep()
-        except Exception:  # keep going: the next pass may find Redis and the database back
-            log.exception("sweep failed")
-            db.session.rollback()
-        finally:
-            db.session.remove()
-        stop.wait(interval)
+        for index, (duty, interval) in enumerate(duties):
+            if time.monotonic() < due[index] or stop.is_set():
+                continue
+            try:
+                duty()
+            except Exception:  # keep going: the next pass may find Redis and the database back
+                log.exception("%s failed", duty.__name__)
+                db.session.rollback()
+            finally:
+                db.session.remove()
+            due[index] = time.monotonic() + interval
+        stop.wait(max(0.0, min(due) - time.monotonic()))
     log.info("scheduler stopped")
 
 
@@ -156,6 +178,6 @@ def serve() -> None:
 
 
 def init_app(app: Flask) -> None:
-    for command in (users, tokens, worker, sweep, scheduler, local_model, bootstrap, serve):
+    for command in (users, tokens, worker, sweep, cleanup, scheduler, local_model, bootstrap, serve):
         app.cli.add_command(command)
     app.shell_context_processor(lambda: {"db": db, "User": User})

@@ -45,6 +45,10 @@ class Config:
     # A PENDING task this old with no job in any queue is re-enqueued by the sweeper.
     SWEEP_GRACE_SECONDS = 30
     IDEMPOTENCY_TTL_HOURS = 24
+    # Finished tasks are deleted this many days after they finish (0 keeps them forever);
+    # the scheduler checks every CLEANUP_INTERVAL seconds.
+    RETENTION_DAYS = 7
+    CLEANUP_INTERVAL = 3600
 
     # Set to the number of proxies in front of the app (1 behind one TLS proxy) so client
     # addresses and https are read from X-Forwarded-*; 0 trusts no such header.

@@ -130,6 +130,8 @@ class Task(db.Model):
             sqlite_where=text("status IN ('PENDING', 'PROCESSING')"),
         ),
         Index("ix_tasks_finished_at", "finished_at"),
+        # Stats (counts by status, charts) and the retention cleanup: finished tasks by status and time.
+        Index("ix_tasks_status_finished_at", "status", "finished_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -17,6 +17,7 @@ from rq.job import Job
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
+from .. import metrics
 from ..catalog import ModelSpec, catalog
 from ..errors import ConflictError, TaskNotFoundError, ValidationError
 from ..extensions import db
@@ -158,6 +159,7 @@ def submit(user: User, submission: Submission, idempotency_key: str | None = Non
             raise
         return existing, False
     _enqueue(task)
+    metrics.submitted(task.model)
     return task, True
 
 

@@ -1,0 +1,258 @@
+"""What admins do: act on many tasks at once by filter, and manage users.
+
+A bulk action is two steps. `preview` counts what a filter matches and notes the highest task
+id then; `apply` acts on the same filter, limited to that id, so a task submitted after the
+confirmation is never swept in. Tasks that changed meanwhile (a FAILED one retried by its owner)
+no longer match and are left alone; the result says how many were acted on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+
+from flask import current_app
+from redis.exceptions import RedisError
+from sqlalchemy import delete, func, select, update
+
+from ..errors import ConflictError, NotFoundError, ValidationError
+from ..extensions import db
+from ..models import FINISHED, UNFINISHED, Task, TaskStatus, User, utcnow
+from ..queues import enqueue_task, new_job_id, redis
+from . import accounts, stats
+from .tasks import _drop_job, job_timeout
+
+log = logging.getLogger(__name__)
+
+ACTIONS = {
+    # action: (statuses it applies to, past tense for the result)
+    "retry": ((TaskStatus.FAILED.value, TaskStatus.CANCELLED.value), "retried"),
+    "cancel": (UNFINISHED, "cancelled"),
+    "delete": (tuple(TaskStatus.__members__), "deleted"),
+}
+BATCH = 500
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """Which tasks a bulk action is about; empty fields match everything."""
+
+    status: str | None = None
+    model: str | None = None
+    username: str | None = None
+    older_than_hours: float | None = None
+
+    @classmethod
+    def parse(cls, form) -> TaskFilter:
+        """Read a filter from form fields, or raise ValidationError per field."""
+        errors: dict[str, str] = {}
+        status = (form.get("status") or "").strip().upper() or None
+        if status and status not in TaskStatus.__members__:
+            errors["status"] = f"Choose one of {', '.join(TaskStatus.__members__)}."
+        model = (form.get("model") or "").strip() or None
+        username = (form.get("username") or "").strip() or None
+        older = (form.get("older_than_hours") or "").strip()
+        hours = None
+        if older:
+            try:
+                hours = float(older)
+                if hours < 0 or hours != hours:
+                    raise ValueError
+            except ValueError:
+                errors["older_than_hours"] = "Enter a number of hours, 0 or more."
+        if username and accounts.find_user(username) is None:
+            errors["username"] = f"No user named {username!r}."
+        if errors:
+            raise ValidationError("The filter is not valid: " + " ".join(errors.values()), errors)
+        return cls(status, model, username, hours)
+
+    def as_form(self) -> dict[str, str]:
+        values = {
+            "status": self.status,
+            "model": self.model,
+            "username": self.username,
+            "older_than_hours": None if self.older_than_hours is None else f"{self.older_than_hours:g}",
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+    def describe(self) -> str:
+        parts = []
+        if self.status:
+            parts.append(self.status)
+        parts.append("tasks")
+        if self.model:
+            parts.append(f"of model {self.model}")
+        if self.username:
+            parts.append(f"of user {self.username}")
+        if self.older_than_hours is not None:
+            parts.append(f"submitted more than {self.older_than_hours:g} hours ago")
+        return " ".join(parts)
+
+    def conditions(self, action: str) -> list:
+        """Return the WHERE clauses for this filter and what `action` can apply to."""
+        allowed = ACTIONS[action][0]
+        where = [Task.status.in_(allowed)]
+        if self.status:
+            where.append(Task.status == self.status)
+        if self.model:
+            where.append(Task.model == self.model)
+        if self.username:
+            user = accounts.find_user(self.username)
+            where.append(Task.user_id == (user.id if user else -1))
+        if self.older_than_hours is not None:
+            where.append(Task.created_at < utcnow() - timedelta(hours=self.older_than_hours))
+        return where
+
+
+@dataclass(frozen=True)
+class Preview:
+    action: str
+    filter: TaskFilter
+    count: int
+    up_to_id: int
+
+
+def _check_action(action: str) -> None:
+    if action not in ACTIONS:
+        raise ValidationError(f"Unknown action {action!r}.", {"action": f"one of {', '.join(ACTIONS)}"})
+
+
+def preview(action: str, task_filter: TaskFilter) -> Preview:
+    """Count the tasks `action` would touch now, and the id it stops at."""
+    _check_action(action)
+    up_to = db.session.scalar(select(func.max(Task.id))) or 0
+    count = db.session.scalar(
+        select(func.count()).select_from(Task).where(*task_filter.conditions(action), Task.id <= up_to)
+    )
+    db.session.rollback()
+    return Preview(action, task_filter, count or 0, up_to)
+
+
+def apply(action: str, task_filter: TaskFilter, up_to_id: int) -> int:
+    """Do `action` to the tasks matching the filter with ids up to `up_to_id`; return how many."""
+    _check_action(action)
+    where = [*task_filter.conditions(action), Task.id <= up_to_id]
+    done = 0
+    last_id = 0
+    while True:
+        ids = list(db.session.scalars(select(Task.id).where(*where, Task.id > last_id).order_by(Task.id).limit(BATCH)))
+        if not ids:
+            break
+        last_id = ids[-1]
+        done += {"retry": _retry, "cancel": _cancel, "delete": _delete}[action](ids, where)
+    if action in ("retry", "delete") and done:
+        # Old finished tasks left or reopened: cached figures of past hours are stale now.
+        stats.forget(redis())
+    log.info("admin bulk %s: %s tasks (%s)", action, done, task_filter.describe())
+    return done
+
+
+def _retry(ids: list[int], where: list) -> int:
+    rows = db.session.execute(
+        update(Task)
+        .where(Task.id.in_(ids), *where)
+        .values(
+            status=TaskStatus.PENDING.value,
+            progress=0,
+            result=None,
+            error=None,
+            error_kind=None,
+            prompt_tokens=None,
+            completion_tokens=None,
+            started_at=None,
+            finished_at=None,
+            run_after=None,
+            # Attempts keep counting (they fence stale workers); the budget moves up instead.
+            max_attempts=Task.attempts + current_app.config["TASK_MAX_ATTEMPTS"],
+        )
+        .returning(Task.id, Task.priority, Task.model)
+        .execution_options(synchronize_session=False)
+    ).all()
+    jobs = {task_id: new_job_id(task_id) for task_id, _, _ in rows}
+    if jobs:
+        # In the same transaction: each reopened row names its new job from the start.
+        db.session.execute(update(Task), [{"id": task_id, "job_id": job_id} for task_id, job_id in jobs.items()])
+    db.session.commit()
+    for task_id, priority, model in rows:
+        with contextlib.suppress(RedisError):  # committed as PENDING: the sweeper enqueues it
+            enqueue_task(task_id, priority, job_timeout(model), job_id=jobs[task_id])
+    return len(rows)
+
+
+def _cancel(ids: list[int], where: list) -> int:
+    rows = db.session.execute(
+        update(Task)
+        .where(Task.id.in_(ids), *where)
+        .values(
+            status=TaskStatus.CANCELLED.value,
+            error="Cancelled by an administrator.",
+            error_kind="cancelled",
+            lease_expires_at=None,
+            finished_at=utcnow(),
+        )
+        .returning(Task.job_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    db.session.commit()
+    for (job_id,) in rows:
+        _drop_job(job_id)
+    return len(rows)
+
+
+def _delete(ids: list[int], where: list) -> int:
+    rows = db.session.execute(
+        delete(Task)
+        .where(Task.id.in_(ids), *where)
+        .returning(Task.job_id, Task.status)
+        .execution_options(synchronize_session=False)
+    ).all()
+    db.session.commit()
+    for job_id, status in rows:
+        if status not in FINISHED:
+            _drop_job(job_id)
+    return len(rows)
+
+
+# Users
+
+
+def list_users() -> list[User]:
+    return list(db.session.scalars(select(User).order_by(func.lower(User.username))))
+
+
+def _user(user_id: int) -> User:
+    user = db.session.get(User, user_id)
+    if user is None:
+        raise NotFoundError(f"User {user_id} does not exist.")
+    return user
+
+
+def set_active(acting: User, user_id: int, active: bool) -> User:
+    """Enable or disable a user; a disabled user is signed out and their tokens stop working."""
+    user = _user(user_id)
+    if user.id == acting.id and not active:
+        raise ConflictError("You cannot disable your own account.")
+    user.is_active = active
+    db.session.commit()
+    return user
+
+
+def set_admin(acting: User, user_id: int, admin: bool) -> User:
+    user = _user(user_id)
+    if user.id == acting.id and not admin:
+        raise ConflictError("You cannot take away your own administrator rights.")
+    user.is_admin = admin
+    db.session.commit()
+    return user
+
+
+def reset_password(user_id: int) -> tuple[User, str]:
+    """Give a user a new random password; return it (shown once, never stored in clear)."""
+    user = _user(user_id)
+    password = secrets.token_urlsafe(12)
+    user.set_password(password)
+    db.session.commit()
+    return user, password
