@@ -7,8 +7,9 @@ page cannot be tricked into calling the API, and the API needs no CSRF token.
 from __future__ import annotations
 
 from functools import wraps
+from urllib.parse import urlsplit
 
-from flask import flash, redirect, request, url_for
+from flask import flash, make_response, redirect, request, url_for
 from flask_login import current_user
 
 from .errors import ForbiddenError
@@ -41,6 +42,14 @@ def load_user(user_id: str) -> User | None:
 @login_manager.unauthorized_handler
 def unauthorized():
     flash("Please sign in to continue.", "info")
+    if request.headers.get("HX-Request") == "true":
+        # An htmx poll must not swap the sign-in page into a task: send the whole tab there,
+        # coming back to the page it was on.
+        current = urlsplit(request.headers.get("HX-Current-URL", ""))
+        back = current.path + (f"?{current.query}" if current.query else "") if current.path else "/"
+        response = make_response("", 401)
+        response.headers["HX-Redirect"] = url_for("pages.login", next=back)
+        return response
     return redirect(url_for("pages.login", next=request.full_path if request.query_string else request.path))
 
 
