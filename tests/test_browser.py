@@ -175,6 +175,15 @@ def shots(tmp_path) -> Path:
     return folder
 
 
+def snap(page, path: Path) -> None:
+    """Screenshot the page down to the end of its content (no empty viewport below)."""
+    box = page.locator("main").bounding_box()
+    width = page.viewport_size["width"]
+    page.screenshot(
+        path=str(path), full_page=True, clip={"x": 0, "y": 0, "width": width, "height": box["y"] + box["height"]}
+    )
+
+
 def sign_in(page, username: str = "alice", password: str = PASSWORD) -> None:
     page.goto("/login")
     page.get_by_label("Username").fill(username)
@@ -229,7 +238,7 @@ def test_submit_watch_the_answer_grow_then_read_it_as_markdown(page, app, fake_p
     )
     expect(text).to_contain_text("calls the model")  # far enough in for a telling screenshot
     expect(section).to_have_attribute("data-status", "PROCESSING")
-    page.screenshot(path=str(shots / "task-streaming.png"), full_page=True)
+    snap(page, shots / "task-streaming.png")
 
     expect(section.locator(".badge")).to_have_text("Completed")
     expect(bar).to_have_attribute("value", "100")
@@ -240,7 +249,7 @@ def test_submit_watch_the_answer_grow_then_read_it_as_markdown(page, app, fake_p
     # Finished: the partial carries no trigger, so polling has stopped.
     expect(section).not_to_have_attribute("hx-get", re.compile(".*"))
     expect(section.locator("dl.facts")).to_contain_text("1 of 3")
-    page.screenshot(path=str(shots / "task-finished.png"), full_page=True)
+    snap(page, shots / "task-finished.png")
 
     section.get_by_role("button", name="Copy answer").click()
     expect(section.get_by_role("button", name="Copied")).to_be_visible()
@@ -272,6 +281,23 @@ def test_cancel_a_running_task(page, app, fake_provider):
         assert time.monotonic() < deadline, "the worker kept streaming a cancelled task"
         time.sleep(0.05)
     assert call.disconnected and call.chunks_sent < 200
+
+
+def test_a_failing_poll_says_so_and_recovers(page, app, fake_provider):
+    make_user(app)
+    sign_in(page)
+    prompt = "Keep going while the server hiccups."
+    fake_provider.script(prompt, {"chunks": 60, "delay": 0.1})
+    # The server "restarts": its polls answer 503 until the route is lifted.
+    page.route("**/live?*", lambda route: route.fulfill(status=503, body="down for a moment"))
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.get_by_role("button", name="Submit").click()
+    expect(page).to_have_url(re.compile(r"/tasks/\d+$"))
+    note = page.locator("[data-poll-note]")
+    expect(note).to_contain_text("Live updates paused (the server answered 503)")
+    page.unroute("**/live?*")
+    expect(page.locator("section.task .badge")).to_have_text("Completed")
+    expect(note).to_have_count(0)
 
 
 def test_retry_a_failed_task(page, app, fake_provider):
@@ -375,10 +401,11 @@ def test_another_users_task_is_not_found(page, app, api):
 
 
 def test_history_filters_pages_and_live_rows(page, app, api, fake_provider, shots, monkeypatch):
-    monkeypatch.setitem(app.config, "HISTORY_PAGE_SIZE", 5)
+    monkeypatch.setitem(app.config, "HISTORY_PAGE_SIZE", 6)
+    fake_provider.script("finished prompt number 5", {"status": 400, "message": "The model is not available."})
     for n in range(7):
         api.submit(f"finished prompt number {n}")
-    slow = "A slow one to watch in the list"
+    slow = "Summarise the week's support tickets by theme"
     fake_provider.script(slow, {"chunks": 50, "delay": 0.1})
     live = api.submit(slow)
     sign_in(page)
@@ -387,24 +414,27 @@ def test_history_filters_pages_and_live_rows(page, app, api, fake_provider, shot
     rows = page.locator("table.history tbody tr")
     # The unfinished row updates itself until its task completes.
     expect(row.locator(".badge")).to_have_text("Processing")
+    snap(page, shots / "history.png")
     expect(row.locator(".badge")).to_have_text("Completed")
     expect(row).not_to_have_attribute("hx-get", re.compile(".*"))
-    expect(rows).to_have_count(5)
+    expect(rows).to_have_count(6)
 
     page.get_by_role("link", name="Older →").click()
-    expect(rows).to_have_count(3)
+    expect(rows).to_have_count(2)
     page.get_by_role("link", name="← Newer").click()
-    expect(rows).to_have_count(5)
+    expect(rows).to_have_count(6)
     expect(rows.first).to_have_id(f"row-{live['id']}")
 
     # Filters apply as you type (htmx), and the address keeps them.
     page.get_by_label("Search prompts").fill("number 1")
     expect(rows).to_have_count(1)
     expect(page).to_have_url(re.compile(r"q=number(\+|%20)1"))
+    page.get_by_label("Search prompts").fill("number")
     page.get_by_label("Status").select_option("FAILED")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_contain_text("finished prompt number 5")
+    page.get_by_label("Search prompts").fill("no such words")
     expect(page.locator("#results")).to_contain_text("No tasks match these filters.")
-    page.goto("/tasks")
-    page.screenshot(path=str(shots / "history.png"))
 
 
 def test_api_tokens_create_copy_list_revoke(page, app, watch):
