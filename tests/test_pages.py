@@ -464,3 +464,19 @@ def test_the_api_ignores_session_cookies(client, app):
     make_user(app)
     login(client)
     assert client.get("/api/v1/tasks").status_code == 401
+
+
+def test_pages_say_so_when_the_database_is_down(client, app):
+    from tests.test_health import app_with
+
+    make_user(app)
+    login(client)
+    broken = app_with(app, DATABASE_URL="postgresql://root@127.0.0.1:9/test").test_client()
+    # The same signed session cookie, on an app whose database is unreachable.
+    broken.set_cookie("session", client.get_cookie("session").value)
+    for path in ("/", "/tasks", "/tasks/1", "/login"):
+        response = broken.get(path)
+        assert response.status_code == 503, path
+        html = response.get_data(as_text=True)
+        assert "The database is unavailable" in html and 'class="card error-page"' in html
+        assert response.headers["Retry-After"] == "5"

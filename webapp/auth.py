@@ -9,8 +9,9 @@ from __future__ import annotations
 from functools import wraps
 from urllib.parse import urlsplit
 
-from flask import flash, make_response, redirect, request, url_for
+from flask import flash, g, make_response, redirect, request, url_for
 from flask_login import current_user
+from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import ForbiddenError
 from .extensions import db, login_manager
@@ -51,6 +52,19 @@ def unauthorized():
         response.headers["HX-Redirect"] = url_for("pages.login", next=back)
         return response
     return redirect(url_for("pages.login", next=request.full_path if request.query_string else request.path))
+
+
+def user_or_anonymous() -> None:
+    """Load the session's user now; if the database cannot, treat the request as signed out.
+
+    Every page template asks who is signed in. When the database is what failed, an error page
+    must still render (without the navigation) rather than fail a second time.
+    """
+    try:
+        current_user.is_authenticated  # noqa: B018 (loads the user)
+    except SQLAlchemyError:
+        db.session.rollback()
+        g._login_user = login_manager.anonymous_user()  # Flask-Login's per-request user slot
 
 
 def admin_required(view):

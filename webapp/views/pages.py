@@ -167,7 +167,6 @@ def login():
         return redirect(url_for("pages.index"))
     error = None
     username = ""
-    status = 200
     if request.method == "POST":
         username = request.form.get("username", "").strip()
         user = accounts.authenticate(username, request.form.get("password", ""))
@@ -176,7 +175,7 @@ def login():
             return redirect(_safe_next(request.args.get("next")))
         g.login_failed = True
         error = "Wrong username or password."
-    return render_template("login.html", error=error, username=username), status
+    return render_template("login.html", error=error, username=username)
 
 
 @bp.post("/logout")
@@ -364,18 +363,10 @@ def history_row(task_id: int):
 # -- API tokens --------------------------------------------------------------------------------
 
 
-def _render_tokens(new_token: str | None = None, name: str = "", error: str | None = None, status: int = 200):
-    response = make_response(
-        render_template(
-            "tokens.html",
-            tokens=accounts.list_tokens(current_user),
-            new_token=new_token,
-            name=name,
-            error=error,
-        ),
-        status,
+def _render_tokens(new_token: str | None = None, name: str = "", error: str | None = None):
+    return render_template(
+        "tokens.html", tokens=accounts.list_tokens(current_user), new_token=new_token, name=name, error=error
     )
-    return response
 
 
 @bp.get("/tokens")
