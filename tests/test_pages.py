@@ -7,6 +7,7 @@ import re
 import pytest
 
 from tests.conftest import PASSWORD, TEST_DATABASE_URL, TEST_REDIS_URL, make_user, task_row, work
+from webapp.errors import ForbiddenError
 from webapp.rendering import render_markdown
 
 
@@ -480,3 +481,26 @@ def test_pages_say_so_when_the_database_is_down(client, app):
         html = response.get_data(as_text=True)
         assert "The database is unavailable" in html and 'class="card error-page"' in html
         assert response.headers["Retry-After"] == "5"
+
+
+@pytest.mark.parametrize(
+    "exc, status, title",
+    [
+        (RuntimeError("boom"), 500, "Something went wrong"),
+        (ForbiddenError("This page is for administrators."), 403, "Not allowed"),
+    ],
+)
+def test_error_pages_keep_the_sites_look(client, app, monkeypatch, exc, status, title):
+    from webapp.services import tasks
+
+    make_user(app)
+    login(client)
+
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(tasks, "get_task", fail)
+    response = client.get("/tasks/1")
+    html = response.get_data(as_text=True)
+    assert response.status_code == status
+    assert f"<h1>{title}</h1>" in html and 'aria-label="Main"' in html and "boom" not in html
