@@ -86,8 +86,13 @@ def test_next_goes_only_to_this_site(client, app):
     make_user(app)
     token = csrf_from(client.get("/login").get_data(as_text=True))
     data = {"username": "alice", "password": PASSWORD, "csrf_token": token}
-    response = client.post("/login?next=//evil.example/x", data=data)
-    assert response.headers["Location"] == "/"
+    for target in ("//evil.example/x", "/\\evil.example", "/%09/evil.example", "https://evil.example/"):
+        response = client.post(f"/login?next={target}", data=data)
+        assert response.headers["Location"] == "/", target
+        post_form(client, "/logout")
+        data["csrf_token"] = csrf_from(client.get("/login").get_data(as_text=True))
+    response = client.post("/login?next=/tasks%3Fstatus%3DFAILED", data=data)
+    assert response.headers["Location"] == "/tasks?status=FAILED"
 
 
 @pytest.fixture
