@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test lint install install-dev clean
+.PHONY: run test lint install install-dev browser clean
 
 $(VENV)/.runtime: requirements.txt requirements-model.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -26,7 +26,11 @@ install-dev: $(VENV)/.dev
 run: install
 	$(PY) -m flask --app wsgi serve
 
-test: install-dev
+# Browser tests drive Debian's chromium (Playwright's own browser download does not work here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+test: install-dev browser
 	$(PY) -m pytest
 
 lint: install-dev

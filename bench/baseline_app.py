@@ -1,7 +1,12 @@
-"""The baseline for submit benchmarks: a minimal Flask endpoint doing one ORM insert and one RQ enqueue.
+"""Baselines for benchmarks: minimal Flask endpoints doing only the unavoidable work.
 
-It has none of the product's work (auth, validation, the catalog, the error envelope), so the
-ratio product/baseline says what that work costs on this machine, measured in the same run.
+`POST /submit`: one ORM insert and one RQ enqueue (for bench.submit_latency).
+`GET /rows/<id>`: one ORM read of a row with the text so far, returned as a small escaped HTML
+fragment (for bench.poll_latency).
+
+They have none of the product's work (sessions, auth, validation, the catalog, templates, the
+error envelope), so the ratio product/baseline says what that work costs on this machine,
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from datetime import UTC, datetime
 
 from flask import Flask, request
 from flask_sqlalchemy import SQLAlchemy
+from markupsafe import escape
 from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
@@ -24,6 +30,14 @@ class Row(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     prompt: Mapped[str]
     created_at: Mapped[datetime]
+
+
+class PollRow(db.Model):
+    __tablename__ = "baseline_poll_rows"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str]
+    progress: Mapped[int]
+    result: Mapped[str]
 
 
 def create_app() -> Flask:
@@ -42,6 +56,14 @@ def create_app() -> Flask:
         db.session.commit()
         queue.enqueue("bench.noop", row.id)
         return {"id": row.id, "status": "PENDING"}, 202
+
+    @app.get("/rows/<int:row_id>")
+    def poll(row_id: int):
+        row = db.session.get(PollRow, row_id)
+        if row is None:
+            return "not found", 404
+        text = escape(row.result)
+        return f'<section id="row-{row.id}"><p>{row.status} {row.progress}%</p><div>{text}</div></section>'
 
     return app
 

@@ -58,6 +58,12 @@ class Config:
     RATELIMIT_ENABLED = True
     RATELIMIT_SWALLOW_ERRORS = True
     RATELIMIT_HEADERS_ENABLED = True
+    # Failed sign-ins allowed per account name and per client address (limits syntax:
+    # "5/minute;20/hour"); once over, that name or address waits, right password or not.
+    LOGIN_LIMIT_PER_ACCOUNT = "5/minute;20/hour"
+    LOGIN_LIMIT_PER_ADDRESS = "20/minute;100/hour"
+    # Tasks per page on the History page.
+    HISTORY_PAGE_SIZE = 20
     SESSION_COOKIE_HTTPONLY = True
     SESSION_COOKIE_SAMESITE = "Lax"
     # True behind HTTPS (the Docker image sets it); plain-http `make run` needs it off.

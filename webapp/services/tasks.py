@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SYSTEM_MAX_CHARS = 8_000
 LIST_MAX = 100
+SEARCH_MAX_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,30 @@ def decode_cursor(cursor: str) -> int:
         ) from None
 
 
+def _filtered(user: User, status: str | None, model: str | None, search: str | None):
+    """Return a select of the user's own tasks matching the filters; raise ValidationError for a bad status."""
+    if status is not None and status not in TaskStatus.__members__:
+        raise ValidationError(f"Unknown status {status!r}.", {"status": f"one of {', '.join(TaskStatus.__members__)}"})
+    query = select(Task).where(Task.user_id == user.id)
+    if status:
+        query = query.where(Task.status == status)
+    if model:
+        query = query.where(Task.model == model)
+    if search:
+        if len(search) > SEARCH_MAX_CHARS or text_problem(search):
+            raise ValidationError(
+                f"Search for 1-{SEARCH_MAX_CHARS} characters of plain text.", {"search": "not searchable text"}
+            )
+        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        query = query.where(Task.prompt.ilike(f"%{escaped}%", escape="\\"))
+    return query
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= LIST_MAX:
+        raise ValidationError(f"limit must be between 1 and {LIST_MAX}.", {"limit": f"1 to {LIST_MAX}"})
+
+
 def list_tasks(
     user: User,
     status: str | None = None,
@@ -226,23 +251,62 @@ def list_tasks(
     search: str | None = None,
 ) -> tuple[list[Task], str | None]:
     """Return the user's own tasks newest first, and the cursor of the next page (or None)."""
-    if status is not None and status not in TaskStatus.__members__:
-        raise ValidationError(f"Unknown status {status!r}.", {"status": f"one of {', '.join(TaskStatus.__members__)}"})
-    if not 1 <= limit <= LIST_MAX:
-        raise ValidationError(f"limit must be between 1 and {LIST_MAX}.", {"limit": f"1 to {LIST_MAX}"})
-    query = select(Task).where(Task.user_id == user.id)
-    if status:
-        query = query.where(Task.status == status)
-    if model:
-        query = query.where(Task.model == model)
-    if search:
-        escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        query = query.where(Task.prompt.ilike(f"%{escaped}%", escape="\\"))
+    _check_limit(limit)
+    query = _filtered(user, status, model, search)
     if cursor:
         query = query.where(Task.id < decode_cursor(cursor))
     rows = list(db.session.scalars(query.order_by(Task.id.desc()).limit(limit + 1)))
     next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
     return rows[:limit], next_cursor
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """One page of a user's tasks, newest first, with cursors to the pages on either side."""
+
+    items: list[Task]
+    older: str | None
+    newer: str | None
+
+
+def history_page(
+    user: User,
+    status: str | None = None,
+    model: str | None = None,
+    search: str | None = None,
+    before: str | None = None,
+    after: str | None = None,
+    limit: int = 20,
+) -> HistoryPage:
+    """Return the page of tasks just older than `before`, just newer than `after`, or the newest.
+
+    Keyset pagination both ways: a page is found through the (user_id, id) index however deep
+    it is, and tasks submitted meanwhile do not shift the pages.
+    """
+    _check_limit(limit)
+    query = _filtered(user, status, model, search)
+    if after:
+        pivot = decode_cursor(after)
+        rows = list(db.session.scalars(query.where(Task.id > pivot).order_by(Task.id.asc()).limit(limit + 1)))
+        more_newer = len(rows) > limit
+        items = list(reversed(rows[:limit]))
+    else:
+        query_page = query.where(Task.id < decode_cursor(before)) if before else query
+        rows = list(db.session.scalars(query_page.order_by(Task.id.desc()).limit(limit + 1)))
+        items = rows[:limit]
+        more_newer = bool(items) and before is not None and _exists(query.where(Task.id > items[0].id))
+    if not items:
+        return HistoryPage([], None, None)
+    more_older = _exists(query.where(Task.id < items[-1].id)) if after else len(rows) > limit
+    return HistoryPage(
+        items,
+        older=encode_cursor(items[-1].id) if more_older else None,
+        newer=encode_cursor(items[0].id) if more_newer else None,
+    )
+
+
+def _exists(query) -> bool:
+    return db.session.scalar(select(query.exists())) or False
 
 
 def cancel(user: User, task_id: int) -> Task:

@@ -8,6 +8,7 @@ from flask import Flask, jsonify, make_response, render_template, request
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
+from ..auth import user_or_anonymous
 from ..errors import AppError
 from ..extensions import db
 
@@ -45,6 +46,7 @@ def error_response(status: int, message: str, details: dict | None = None, code:
     if wants_json():
         response = jsonify({"error": {"code": code, "message": message, "details": details}})
     else:
+        user_or_anonymous()
         response = make_response(render_template("error.html", status=status, message=message, details=details))
     response.status_code = status
     for name, value in (headers or {}).items():

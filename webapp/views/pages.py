@@ -1,26 +1,170 @@
-"""Browser pages: sign in, submit a prompt, watch its answer grow. Same services as the API."""
+"""Browser pages: sign in, submit, watch an answer grow, history, API tokens. Same services as the API.
+
+Every page is server-rendered HTML that works as plain forms and links; htmx only makes parts of
+it live (the task polls its own partial while it runs, History's filters apply as you type).
+A request from htmx carries `HX-Request`, and an action answers it with the partial to swap in
+instead of a redirect.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint, redirect, render_template, request, url_for
+import math
+import time
+from datetime import UTC, datetime
+
+from flask import (
+    Blueprint,
+    current_app,
+    flash,
+    g,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask_limiter import RequestLimit
+from flask_limiter.util import get_remote_address
 from flask_login import current_user, login_required, login_user, logout_user
+from markupsafe import Markup
 
 from ..catalog import catalog
-from ..errors import ValidationError
+from ..errors import ConflictError, ValidationError
+from ..extensions import limiter
+from ..models import TaskStatus
+from ..rendering import render_markdown
 from ..services import accounts
 from ..services import tasks as service
 
 bp = Blueprint("pages", __name__)
 
+STATUS_LABELS = {
+    TaskStatus.PENDING.value: "Pending",
+    TaskStatus.PROCESSING.value: "Processing",
+    TaskStatus.COMPLETED.value: "Completed",
+    TaskStatus.FAILED.value: "Failed",
+    TaskStatus.CANCELLED.value: "Cancelled",
+}
+
+# Scripts only from this site, no inline script or style, no eval, no plugins, no framing; the
+# page talks only to this site. htmx is configured to match (see base.html).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; font-src 'self'; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+)
+# rq-dashboard (mounted by the admin area at /admin/rq) relies on inline scripts, which this
+# policy would block; the admin area decides the rules for its pages.
+CSP_EXEMPT_PREFIXES = ("/admin/rq",)
+
+
+@bp.after_app_request
+def security_headers(response):
+    """Send the browser protections with every page (not with static files' own rules)."""
+    if response.mimetype == "text/html" and not request.path.startswith(CSP_EXEMPT_PREFIXES):
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    return response
+
+
+@bp.after_request
+def no_store(response):
+    """Pages show one user's data: no shared cache may keep them, and Back shows them fresh."""
+    response.headers.setdefault("Cache-Control", "no-store")
+    response.vary.add("HX-Request")
+    return response
+
+
+# -- template helpers ----------------------------------------------------------------------
+
+
+@bp.app_template_filter("markdown")
+def markdown_filter(text: str | None) -> Markup:
+    return render_markdown(text)
+
+
+@bp.app_template_filter("when")
+def when_filter(value: datetime | None) -> Markup:
+    """Render a time as <time>, readable without script; app.js shows it in the reader's zone."""
+    if value is None:
+        return Markup("")
+    utc = value.astimezone(UTC)
+    return Markup('<time datetime="{}">{}</time>').format(
+        utc.isoformat().replace("+00:00", "Z"), utc.strftime("%Y-%m-%d %H:%M:%S UTC")
+    )
+
+
+@bp.app_template_filter("duration")
+def duration_filter(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+@bp.app_context_processor
+def page_context() -> dict:
+    return {"status_labels": STATUS_LABELS, "statuses": list(STATUS_LABELS)}
+
+
+def _is_htmx() -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+# -- signing in and out -------------------------------------------------------------------------
+
 
 def _safe_next(target: str | None) -> str:
     """Return a same-site path to go to after signing in (never another host)."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    # Browsers drop tabs and newlines from URLs and read a backslash as "/": "/<tab>/evil" is "//evil".
+    plain = target and all(c.isprintable() and not c.isspace() and c != "\\" for c in target)
+    if plain and target.startswith("/") and not target.startswith("//"):
         return target
     return url_for("pages.index")
 
 
+def _account_key() -> str:
+    return (request.form.get("username") or "").strip().lower()[:100] or "-"
+
+
+def _login_failed(_response) -> bool:
+    """Count only failed attempts against the limits: signing in successfully costs nothing."""
+    return g.get("login_failed", False)
+
+
+def _too_many_attempts(limit: RequestLimit):
+    """Answer a throttled sign-in with the form and a plain message (429, Retry-After)."""
+    wait = max(1, math.ceil(limit.reset_at - time.time()))
+    when = f"{wait} seconds" if wait < 120 else f"{math.ceil(wait / 60)} minutes"
+    error = f"Too many failed sign-ins. Wait {when} and try again."
+    response = make_response(render_template("login.html", error=error, username=request.form.get("username", "")))
+    response.status_code = 429
+    response.headers["Retry-After"] = str(wait)
+    return response
+
+
+def _login_limit(setting: str, key_func, scope: str):
+    return limiter.limit(
+        lambda: current_app.config[setting],
+        key_func=key_func,
+        methods=["POST"],
+        deduct_when=_login_failed,
+        on_breach=_too_many_attempts,
+        scope=scope,
+    )
+
+
 @bp.route("/login", methods=["GET", "POST"])
+@_login_limit("LOGIN_LIMIT_PER_ADDRESS", get_remote_address, "address")
+@_login_limit("LOGIN_LIMIT_PER_ACCOUNT", _account_key, "account")
 def login():
     if current_user.is_authenticated:
         return redirect(url_for("pages.index"))
@@ -32,6 +176,7 @@ def login():
         if user is not None:
             login_user(user)
             return redirect(_safe_next(request.args.get("next")))
+        g.login_failed = True
         error = "Wrong username or password."
     return render_template("login.html", error=error, username=username)
 
@@ -39,7 +184,11 @@ def login():
 @bp.post("/logout")
 def logout():
     logout_user()
+    flash("You are signed out.", "info")
     return redirect(url_for("pages.login"))
+
+
+# -- submitting --------------------------------------------------------------------------------
 
 
 def _form_int(name: str, errors: dict) -> int | None:
@@ -58,10 +207,14 @@ def _form_float(name: str, errors: dict) -> float | None:
     if not raw:
         return None
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        errors[name] = "Enter a number."
+        errors[name] = "Enter a number, like 0.7."
         return None
+    if not math.isfinite(value):
+        errors[name] = "Enter a number, like 0.7."
+        return None
+    return value
 
 
 def _render_index(values: dict | None = None, errors: dict | None = None):
@@ -87,6 +240,7 @@ def submit():
     """Submit the form; on a mistake show the form again with what the user typed."""
     errors: dict[str, str] = {}
     values = request.form.to_dict()
+    values.pop("csrf_token", None)
     priority = _form_int("priority", errors)
     max_tokens = _form_int("max_tokens", errors)
     temperature = _form_float("temperature", errors)
@@ -100,11 +254,16 @@ def submit():
             system=request.form.get("system") or None,
         )
     except ValidationError as exc:
-        errors.update({field.removeprefix("params."): message for field, message in (exc.details or {}).items()})
+        for field, message in (exc.details or {}).items():
+            errors.setdefault(field.removeprefix("params."), message)
     if errors:
+        # 200, not 422: the form is the answer, and htmx 2 would not swap a 4xx.
         return _render_index(values, errors)
     task, _ = service.submit(current_user, submission)
     return redirect(url_for("pages.task", task_id=task.id), code=303)
+
+
+# -- one task ----------------------------------------------------------------------------------
 
 
 @bp.get("/tasks/<int:task_id>")
@@ -116,5 +275,124 @@ def task(task_id: int):
 @bp.get("/tasks/<int:task_id>/live")
 @login_required
 def task_live(task_id: int):
-    """The task's live partial: htmx polls it until the task is finished."""
-    return render_template("_task.html", task=service.get_task(current_user, task_id))
+    """The task's live partial: htmx polls it until the task is finished.
+
+    `seen` is the status the page shows; when it changed, the partial also updates the page's
+    screen-reader announcement (out of band), so a change is announced once, not every second.
+    """
+    task = service.get_task(current_user, task_id)
+    return render_template("_task.html", task=task, announce=request.args.get("seen") != task.status)
+
+
+def _task_action(task_id: int, action, done: str):
+    """Run a cancel or retry; answer htmx with the partial, a plain form with a redirect."""
+    notice = None
+    try:
+        task = action(current_user, task_id)
+    except ConflictError as exc:
+        notice = exc.message
+        task = service.get_task(current_user, task_id)
+    if _is_htmx():
+        return render_template("_task.html", task=task, announce=True, notice=notice)
+    flash(notice or done.format(id=task_id), "error" if notice else "success")
+    return redirect(url_for("pages.task", task_id=task_id), code=303)
+
+
+@bp.post("/tasks/<int:task_id>/cancel")
+@login_required
+def cancel(task_id: int):
+    return _task_action(task_id, service.cancel, "Task {id} is cancelled.")
+
+
+@bp.post("/tasks/<int:task_id>/retry")
+@login_required
+def retry(task_id: int):
+    return _task_action(task_id, service.retry, "Task {id} is queued again.")
+
+
+@bp.post("/tasks/<int:task_id>/delete")
+@login_required
+def delete(task_id: int):
+    service.delete_task(current_user, task_id)
+    flash(f"Task {task_id} is deleted.", "success")
+    return redirect(url_for("pages.history"), code=303)
+
+
+# -- history -----------------------------------------------------------------------------------
+
+
+@bp.get("/tasks")
+@login_required
+def history():
+    """The user's tasks, newest first; filters and cursors are query parameters, so links work."""
+    filters = {
+        "q": request.args.get("q", "").strip(),
+        "status": request.args.get("status", ""),
+        "model": request.args.get("model", ""),
+    }
+    error = None
+    try:
+        page = service.history_page(
+            current_user,
+            status=filters["status"] or None,
+            model=filters["model"] or None,
+            search=filters["q"] or None,
+            before=request.args.get("before") or None,
+            after=request.args.get("after") or None,
+            limit=current_app.config["HISTORY_PAGE_SIZE"],
+        )
+    except ValidationError as exc:
+        error = exc.message
+        page = service.HistoryPage([], None, None)
+    active = {name: value for name, value in filters.items() if value}
+    return render_template(
+        "history.html",
+        page=page,
+        filters=filters,
+        active=active,
+        error=error,
+        paged=bool(request.args.get("before") or request.args.get("after")),
+        models=catalog().names(),
+    )
+
+
+@bp.get("/tasks/<int:task_id>/row")
+@login_required
+def history_row(task_id: int):
+    """One History row; an unfinished row polls this until its task finishes."""
+    return render_template("_row.html", task=service.get_task(current_user, task_id))
+
+
+# -- API tokens --------------------------------------------------------------------------------
+
+
+def _render_tokens(new_token: str | None = None, name: str = "", error: str | None = None):
+    return render_template(
+        "tokens.html", tokens=accounts.list_tokens(current_user), new_token=new_token, name=name, error=error
+    )
+
+
+@bp.get("/tokens")
+@login_required
+def tokens():
+    return _render_tokens()
+
+
+@bp.post("/tokens")
+@login_required
+def create_token():
+    """Create a token and show it on this response only: it is never stored or shown again."""
+    name = request.form.get("name", "")
+    try:
+        _, token = accounts.create_token(current_user, name)
+    except ValidationError as exc:
+        return _render_tokens(name=name, error=exc.message)
+    return _render_tokens(new_token=token)
+
+
+@bp.post("/tokens/<int:token_id>/revoke")
+@login_required
+def revoke_token(token_id: int):
+    accounts.revoke_token(current_user, token_id)
+    flash("The token is revoked: scripts using it now get 401.", "success")
+    return redirect(url_for("pages.tokens"), code=303)
