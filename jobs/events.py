@@ -46,3 +46,25 @@ def database_lost(task: Claim, job_id: str) -> None:
 
 def crashed(task: Claim, job_id: str) -> None:
     log.exception("task %s job %s: unexpected error", task.task_id, job_id)
+
+
+def paused(task_id: int, job_id: str, model: str, delay: float, next_job: str | None) -> None:
+    """The model's circuit breaker is open: the task waits, unclaimed, without spending an attempt."""
+    log.info(
+        "task %s job %s: model %s paused (circuit open); deferred %.1f s as %s", task_id, job_id, model, delay, next_job
+    )
+
+
+def waiting(task: Claim, job_id: str, err: ProviderError, seconds: float) -> None:
+    """A short Retry-After: the worker waits it out, then starts the next attempt in place."""
+    log.info("task %s job %s: %s; waiting %.1f s before the next attempt", task.task_id, job_id, err.kind, seconds)
+
+
+def handed_back(task: Claim, job_id: str, reason: str, next_job: str | None) -> None:
+    """The worker gave the task back unfinished (it is shutting down); the attempt is refunded."""
+    log.info("task %s job %s: handed back (%s) as %s", task.task_id, job_id, reason, next_job)
+
+
+def released(task_id: int, job_id: str, reason: str, status: str | None) -> None:
+    """A task was taken back from an attempt that ended without a word (its work-horse died)."""
+    log.warning("task %s job %s: %s; task now %s", task_id, job_id, reason, status or "not ours any more")

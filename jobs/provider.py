@@ -26,6 +26,8 @@ class ProviderError(Exception):
         self.message = message
         self.transient = transient
         self.retry_after = retry_after
+        # The answer's text received before the failure, if any.
+        self.partial = ""
 
 
 @dataclass
