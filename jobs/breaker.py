@@ -26,21 +26,24 @@ from dataclasses import dataclass
 
 from flask import current_app
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from webapp.queues import redis
 
 log = logging.getLogger(__name__)
 
 KEY = "atr:breaker:{}"
+# Redis errors that mean "unreachable": the breaker then stays out of the way.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 
 # KEYS[1] hash; ARGV now. Returns {state, seconds}: state 0 closed, 1 open (wait `seconds`),
 # 2 half-open and this caller is the probe, 3 half-open and another probe is out (wait).
 _ALLOW = """
-local until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
+local opened_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
 local now = tonumber(ARGV[1])
-if until == 0 then return {0, '0'} end
-if now < until then return {1, tostring(until - now)} end
+if opened_until == 0 then return {0, '0'} end
+if now < opened_until then return {1, tostring(opened_until - now)} end
 local probe = tonumber(redis.call('HGET', KEYS[1], 'probe_until') or '0')
 if now < probe then return {3, tostring(probe - now)} end
 redis.call('HSET', KEYS[1], 'probe_until', tostring(now + tonumber(ARGV[2])))
@@ -51,12 +54,12 @@ return {2, '0'}
 # Returns the seconds the breaker just opened for, or 0.
 _FAILURE = """
 local now = tonumber(ARGV[1])
-local until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
+local opened_until = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
 local seconds = 0
-if until > 0 and now >= until then
+if opened_until > 0 and now >= opened_until then
   -- a failed probe: open again, for longer
   seconds = math.min(tonumber(redis.call('HGET', KEYS[1], 'open_seconds') or ARGV[3]) * 2, tonumber(ARGV[4]))
-elseif until == 0 then
+elseif opened_until == 0 then
   local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
   if failures >= tonumber(ARGV[2]) then seconds = tonumber(ARGV[3]) end
 end
@@ -94,7 +97,7 @@ class Breaker:
         """Ask to call the model now; a half-open breaker lets one caller through as the probe."""
         try:
             state, seconds = self.connection.eval(_ALLOW, 1, self.key, time.time(), probe_seconds)
-        except RedisError:
+        except UNREACHABLE:
             return Verdict(True)
         state, seconds = int(state), float(seconds)
         if state == 0:
@@ -118,7 +121,7 @@ class Breaker:
                     self.max_open_seconds * 2,
                 )
             )
-        except RedisError:
+        except UNREACHABLE:
             return 0.0
         if opened:
             log.warning("model %s: circuit breaker open for %.0f s after repeated failures", self.model, opened)
@@ -126,13 +129,13 @@ class Breaker:
 
     def success(self) -> None:
         """Record a success: the breaker closes and the failure count starts again."""
-        with contextlib.suppress(RedisError):
+        with contextlib.suppress(*UNREACHABLE):
             self.connection.delete(self.key)
 
     def remaining(self) -> float:
         """Return how long the breaker stays open (0 when closed or half-open); no side effects."""
         try:
             until = self.connection.hget(self.key, "open_until")
-        except RedisError:
+        except UNREACHABLE:
             return 0.0
         return max(0.0, float(until or 0) - time.time())
