@@ -92,7 +92,7 @@ def with_database(action: Callable[[], T], seconds: float | None = None) -> T:
                 raise
             log.warning("database unavailable (%s); retrying in %.1f s", type(exc.orig).__name__, pause)
         time.sleep(pause)
-        pause = min(pause * 2, 5.0)
+        pause = min(pause * 2, 2.0)
 
 
 def claim(task_id: int, job_id: str | None = None) -> Claim | None:

@@ -5,10 +5,11 @@
 - a PENDING task that no queue holds (Redis lost its data, a worker died between taking a job
   and claiming its task, the process died between commit and enqueue) is enqueued again.
 
-"Held" is read from RQ's own structures, all at once per pass: the queue lists, the scheduled
-registries, and the started registries' live entries (a heartbeat keeps them in the future).
-A job's status field alone is not enough: a worker killed right after popping a job leaves
-it `queued` forever, in no queue.
+"Held" is read from RQ's own structures, all at once per pass: the queue lists and the
+scheduled registries. A job's status field is not enough: a worker killed right after popping
+a job leaves it `queued` (or `started`) for minutes, in no queue. A job that was popped and is
+about to claim its task (milliseconds) may be duplicated by a pass; the claim makes that
+harmless.
 
 Several sweepers may run (one per scheduler); a PostgreSQL advisory lock lets one pass run at a
 time (a Redis lock on SQLite, where there is one process anyway). Every write is fenced, and
@@ -29,15 +30,17 @@ from datetime import timedelta
 from flask import current_app
 from redis import Redis
 from redis.exceptions import RedisError
-from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
-from rq.utils import parse_composite_key
 from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import DBAPIError
 
 from webapp.extensions import db
 from webapp.models import IdempotencyKey, Task, TaskStatus, utcnow
 from webapp.queues import QUEUE_NAMES, enqueue_task, get_queue, redis
 from webapp.services.tasks import job_timeout
+
+from .progress import database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +66,40 @@ class SweepReport:
         )
 
 
+class _Outage:
+    """Leases run out for everyone while the database is away: no one could renew them.
+
+    So after an outage the sweeper gives live workers two leases' time to renew before it
+    takes anything back; otherwise every task running through a database restart would be
+    run again.
+    """
+
+    down = False
+    hold_until = 0.0
+
+
 def sweep() -> SweepReport:
     """Run one pass, unless another process is sweeping right now."""
-    with _lock() as acquired:
-        if not acquired:
-            return SweepReport(skipped=True)
-        report = SweepReport()
-        _take_back_expired(report)
-        _requeue_orphans(report)
-        _forget_idempotency_keys()
-        if report.requeued or report.reclaimed or report.failed:
-            log.info("%s", report)
-        return report
+    try:
+        with _lock() as acquired:
+            if _Outage.down:
+                _Outage.down = False
+                _Outage.hold_until = time.monotonic() + 2 * current_app.config["LEASE_SECONDS"]
+                log.info("sweeper: the database is back; leases are not taken back for a while")
+            if not acquired:
+                return SweepReport(skipped=True)
+            report = SweepReport()
+            if time.monotonic() >= _Outage.hold_until:
+                _take_back_expired(report)
+            _requeue_orphans(report)
+            _forget_idempotency_keys()
+            if report.requeued or report.reclaimed or report.failed:
+                log.info("%s", report)
+            return report
+    except DBAPIError as exc:
+        if database_unavailable(exc):
+            _Outage.down = True
+        raise
 
 
 @contextlib.contextmanager
@@ -161,18 +186,12 @@ def _take_back_expired(report: SweepReport) -> None:
 
 
 def held_job_ids(connection: Redis) -> set[str]:
-    """Return the ids of every job RQ will still run: queued, scheduled, or running now."""
+    """Return the ids of every job waiting in RQ: on a queue, or scheduled for later."""
     held: set[str] = set()
-    now = time.time()
     for name in QUEUE_NAMES:
         queue = get_queue(name, connection)
         held.update(queue.get_job_ids())
-        scheduled = ScheduledJobRegistry(queue=queue, serializer=JSONSerializer)
-        held.update(scheduled.get_job_ids(cleanup=False))
-        started = StartedJobRegistry(queue=queue, serializer=JSONSerializer)
-        # A live execution's score is kept in the future by its worker's heartbeat.
-        for entry in connection.zrangebyscore(started.key, now, "+inf"):
-            held.add(parse_composite_key(entry.decode())[0])
+        held.update(ScheduledJobRegistry(queue=queue, serializer=JSONSerializer).get_job_ids(cleanup=False))
     return held
 
 
