@@ -27,6 +27,7 @@ from rq import Worker
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
+from webapp.catalog import catalog
 from webapp.extensions import db
 
 from . import events, progress
@@ -34,6 +35,7 @@ from . import events, progress
 # Imported here, in the parent, so every forked work-horse starts with the job code (and the
 # openai SDK, slow to import) already loaded.
 from . import run_task as _run_task  # noqa: F401
+from .provider import warm_clients
 from .shutdown import drain
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,7 @@ class TaskWorker(Worker):
 def make_worker(queues: Sequence[str], name: str | None = None) -> TaskWorker:
     """Return a worker on `queues`, in order of preference, for the current app."""
     config = current_app.config
+    warm_clients(catalog())
     # A connection of its own without a read timeout: dequeueing blocks on BLPOP for minutes.
     connection = Redis.from_url(config["REDIS_URL"], socket_connect_timeout=5)
     return TaskWorker(

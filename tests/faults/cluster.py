@@ -452,8 +452,8 @@ read_timeout = 2
         with Http(self.provider_url.removesuffix("/v1")) as http:
             return http.get("/_calls").json()
 
-    def start_monitor(self) -> Monitor:
-        self.monitor = Monitor(self)
+    def start_monitor(self, interval: float = 0.25) -> Monitor:
+        self.monitor = Monitor(self, interval)
         self.monitor.start()
         return self.monitor
 
@@ -487,7 +487,7 @@ class _gone:
 
 
 class Monitor(threading.Thread):
-    """Samples, four times a second, which unfinished tasks nobody holds, and for how long.
+    """Samples (four times a second by default) which unfinished tasks nobody holds, and for how long.
 
     Stuck: PROCESSING with its lease not renewed for more than a renewal interval plus a
     second (its worker is gone), or PENDING, due, and its job on no queue and in no scheduled
@@ -496,9 +496,10 @@ class Monitor(threading.Thread):
     is on no list for a few milliseconds), measured from the first.
     """
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, interval: float = 0.25) -> None:
         super().__init__(daemon=True, name="fault-monitor")
         self.cluster = cluster
+        self.interval = interval
         self.stop_event = threading.Event()
         self.since: dict[int, float] = {}
         self.seen_once: dict[int, float] = {}
@@ -509,7 +510,7 @@ class Monitor(threading.Thread):
 
     def run(self) -> None:
         conn = None
-        while not self.stop_event.wait(0.25):
+        while not self.stop_event.wait(self.interval):
             try:
                 if conn is None or conn.closed:
                     conn = self.cluster.pg.connect()

@@ -191,7 +191,7 @@ def test_ten_thousand_tasks_from_twenty_clients(fresh, record):
     cluster = fresh
     started = time.monotonic()
     cluster.start_workers(6)
-    cluster.start_monitor()
+    cluster.start_monitor(interval=1.0)  # a sample reads every unfinished task: keep it light
     count = int(os.environ.get("FAULTS_VOLUME", "10000"))
     prompts = [prompt("volume", i, chunks=5, delay=0.01) for i in range(count)]
     outcome = cluster.submit(prompts, clients=20)
@@ -226,7 +226,9 @@ def test_sigterm_every_worker_mid_batch_then_start_again(fresh, record):
     for worker in workers:
         worker.wait(30)  # grace (3 s) + margin; compose would SIGKILL at its stop_grace_period
     assert all(worker.returncode == 0 for worker in workers), [w.returncode for w in workers]
-    handed_back = cluster.query("SELECT count(DISTINCT task_id) FROM fault_audit WHERE new_status = 'PENDING'")[0][0]
+    handed_back = cluster.query(
+        "SELECT count(DISTINCT task_id) FROM fault_audit WHERE old_status = 'PROCESSING' AND new_status = 'PENDING'"
+    )[0][0]
     time.sleep(1)
     cluster.workers.clear()
     cluster.start_workers(4)
