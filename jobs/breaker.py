@@ -20,7 +20,6 @@ task needs to know.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from dataclasses import dataclass
 
@@ -30,8 +29,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from webapp.queues import redis
-
-log = logging.getLogger(__name__)
 
 KEY = "atr:breaker:{}"
 # Redis errors that mean "unreachable": the breaker then stays out of the way.
@@ -123,8 +120,6 @@ class Breaker:
             )
         except UNREACHABLE:
             return 0.0
-        if opened:
-            log.warning("model %s: circuit breaker open for %.0f s after repeated failures", self.model, opened)
         return opened
 
     def success(self) -> None:

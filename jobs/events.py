@@ -68,3 +68,8 @@ def handed_back(task: Claim, job_id: str, reason: str, next_job: str | None) -> 
 def released(task_id: int, job_id: str, reason: str, status: str | None) -> None:
     """A task was taken back from an attempt that ended without a word (its work-horse died)."""
     log.warning("task %s job %s: %s; task now %s", task_id, job_id, reason, status or "not ours any more")
+
+
+def circuit_opened(model: str, seconds: float) -> None:
+    """A model's provider kept failing: its breaker opened, pausing it for `seconds`."""
+    log.warning("model %s: circuit breaker open for %.0f s after repeated failures", model, seconds)

@@ -159,7 +159,7 @@ def _attempt(keeper: LeaseKeeper, spec: ModelSpec | None, job_id: str) -> str:
         except ProviderError as err:
             task = keeper.claim
             if err.kind in BREAKER_KINDS:
-                breaker.failure()
+                _count_failure(breaker)
             if not _wait_inline(task, err, breaker, keeper, job_id):
                 return _failed_attempt(task, job_id, err, err.partial)
             task = with_database(lambda t=task: progress.reclaim(t))
@@ -169,7 +169,7 @@ def _attempt(keeper: LeaseKeeper, spec: ModelSpec | None, job_id: str) -> str:
             events.claimed(task, job_id)
     task = keeper.claim
     if not text.strip():
-        breaker.failure()
+        _count_failure(breaker)
         err = ProviderError("empty_answer", "The model returned an empty answer.", transient=True)
         return _failed_attempt(task, job_id, err, text)
     breaker.success()
@@ -178,6 +178,11 @@ def _attempt(keeper: LeaseKeeper, spec: ModelSpec | None, job_id: str) -> str:
         return _gone(task, job_id)
     events.completed(task, job_id, tokens, seconds)
     return "completed"
+
+
+def _count_failure(breaker: Breaker) -> None:
+    if opened := breaker.failure():
+        events.circuit_opened(breaker.model, opened)
 
 
 class _Gone(Exception):

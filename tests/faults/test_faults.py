@@ -68,7 +68,7 @@ def test_kill_work_horses_and_whole_workers_mid_stream(fresh, record):
     started = time.monotonic()
     cluster.start_workers(4)
     cluster.start_monitor()
-    prompts = [prompt("kill", i, chunks=20, delay=0.05) for i in range(150)]
+    prompts = [prompt("kill", i, chunks=20, delay=0.05) for i in range(200)]
     submitter, outcome = submit_in_background(cluster, prompts, clients=4)
     for round_ in range(20):
         worker, horse = busy_horse(cluster)
