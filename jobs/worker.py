@@ -79,14 +79,23 @@ class TaskWorker(Worker):
         super().setup_work_horse_signals()
         signal.signal(DRAIN_SIGNAL, lambda *_: drain.request(self.grace))
 
+    def fork_work_horse(self, job, queue):
+        super().fork_work_horse(job, queue)
+        if self._draining:  # SIGTERM came between taking the job and forking its horse
+            self._drain_horse(self.horse_pid)
+
     def handle_warm_shutdown_request(self):
         super().handle_warm_shutdown_request()
         self._draining = True
-        pid = self.horse_pid
-        if not pid:
-            return
+        if self.horse_pid:
+            self._drain_horse(self.horse_pid)
+
+    def _drain_horse(self, pid: int) -> None:
+        """Tell the horse to finish or hand back within the grace period; kill it a bit after."""
         self.log.info("Worker %s: asking horse %s to finish or hand back within %.0f s", self.name, pid, self.grace)
         try:
+            # A horse too young to have its handler dies of the signal: the killed handler
+            # then hands its task back, refunded, which is what draining would do anyway.
             os.kill(pid, DRAIN_SIGNAL)
         except ProcessLookupError:
             return
