@@ -267,7 +267,7 @@ def release(task_id: int, job_id: str, kind: str, message: str, refund: bool) ->
             progress=0,
             run_after=now,
             job_id=next_job,
-            error=message,
+            error=message + " It will run again.",
             error_kind=kind,
         )
     else:
