@@ -21,9 +21,14 @@ from webapp.models import Task
 @pytest.fixture
 def breaker_config(app, monkeypatch):
     monkeypatch.setitem(app.config, "BREAKER_FAILURES", 3)
-    monkeypatch.setitem(app.config, "BREAKER_OPEN_SECONDS", 0.3)
-    monkeypatch.setitem(app.config, "BREAKER_MAX_OPEN_SECONDS", 10.0)
+    monkeypatch.setitem(app.config, "BREAKER_OPEN_SECONDS", 30.0)
+    monkeypatch.setitem(app.config, "BREAKER_MAX_OPEN_SECONDS", 100.0)
     return app.config
+
+
+def pass_the_open_period(model: str = "fake") -> None:
+    """Let an open breaker's pause end now (instead of sleeping through it)."""
+    redis_conn().hset(f"atr:breaker:{model}", "open_until", time.time())
 
 
 # --- provider failures ----------------------------------------------------------------------
@@ -56,15 +61,16 @@ def test_breaker_opens_after_repeated_failures_and_probes_once(app, breaker_conf
         breaker.success()
         assert breaker.check().allowed
         assert breaker.failure() == 0 and breaker.failure() == 0
-        assert breaker.failure() == pytest.approx(0.3)  # the third in a row opens it
+        assert breaker.failure() == 30  # the third in a row opens it
         verdict = breaker.check()
-        assert not verdict.allowed and 0 < verdict.wait <= 0.3
-        time.sleep(0.35)
+        assert not verdict.allowed and 0 < verdict.wait <= 30
+        pass_the_open_period()
         probe = breaker.check()
         assert probe.allowed and probe.probe  # half-open: one caller goes through
         assert not breaker.check().allowed  # the others wait for its verdict
-        assert breaker.failure() == pytest.approx(0.6)  # the probe failed: open for longer
-        time.sleep(0.65)
+        assert breaker.failure() == 60  # the probe failed: open for longer
+        assert not breaker.check().allowed
+        pass_the_open_period()
         assert breaker.check().probe
         breaker.success()
         assert breaker.check() == breaker.check() and breaker.check().allowed and not breaker.check().probe
@@ -89,7 +95,7 @@ def test_an_open_breaker_defers_tasks_without_spending_attempts(app, api, fake_p
     assert fake_provider.calls_for("while the provider is down") == []
     scheduled = Queue("default", connection=redis_conn(), serializer=JSONSerializer).scheduled_job_registry
     assert scheduled.get_job_ids() == [row.job_id]
-    time.sleep(0.4)  # half-open: the deferred task is the probe
+    pass_the_open_period()  # half-open: the deferred task is the probe
     enqueue_scheduled_now(redis_conn())
     work(app)
     done = api.task(task["id"])
@@ -98,6 +104,7 @@ def test_an_open_breaker_defers_tasks_without_spending_attempts(app, api, fake_p
 
 def test_failures_feed_the_breaker(app, api, fake_provider, breaker_config, monkeypatch):
     monkeypatch.setitem(app.config, "RETRY_BASE_SECONDS", 60.0)  # the retries wait; we look before
+    monkeypatch.setitem(app.config, "RETRY_MAX_SECONDS", 60.0)
     for i in range(3):
         fake_provider.script(f"broken {i}", {"status": 503})
         api.submit(f"broken {i}")
