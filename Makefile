@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test lint install install-dev browser clean
+.PHONY: run test test-faults lint install install-dev browser clean
 
 $(VENV)/.runtime: requirements.txt requirements-model.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -32,6 +32,10 @@ browser:
 
 test: install-dev browser
 	$(PY) -m pytest
+
+# The fault suite (README "Reliability"): kills workers, Redis and PostgreSQL; ~15 minutes.
+test-faults: install-dev
+	$(PY) -m pytest -m faults tests/faults -p no:cacheprovider
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

@@ -135,3 +135,62 @@ def database_lost(task: Claim, job_id: str) -> None:
 def crashed(task: Claim, job_id: str) -> None:
     log.exception("task %s job %s: unexpected error", task.task_id, job_id, **_ids(task.task_id, job_id))
     Batch().inc("atr_provider_errors", model=task.model, kind="internal").send()
+
+
+def paused(task_id: int, job_id: str, model: str, delay: float, next_job: str | None) -> None:
+    """The model's circuit breaker is open: the task waits, unclaimed, without spending an attempt."""
+    log.info(
+        "task %s job %s: model %s paused (circuit open); deferred %.1f s as %s",
+        task_id,
+        job_id,
+        model,
+        delay,
+        next_job,
+        **_ids(task_id, job_id),
+    )
+    Batch().inc("atr_tasks_deferred", model=model).send()
+
+
+def waiting(task: Claim, job_id: str, err: ProviderError, seconds: float) -> None:
+    """A short Retry-After: the worker waits it out, then starts the next attempt in place."""
+    log.info(
+        "task %s job %s: %s; waiting %.1f s before the next attempt",
+        task.task_id,
+        job_id,
+        err.kind,
+        seconds,
+        **_ids(task.task_id, job_id),
+    )
+    (
+        Batch()
+        .inc("atr_task_retries", model=task.model, kind=err.kind)
+        .inc("atr_provider_errors", model=task.model, kind=err.kind)
+        .send()
+    )
+
+
+def handed_back(task: Claim, job_id: str, reason: str, next_job: str | None) -> None:
+    """The worker gave the task back unfinished (it is shutting down); the attempt is refunded."""
+    log.info(
+        "task %s job %s: handed back (%s) as %s", task.task_id, job_id, reason, next_job, **_ids(task.task_id, job_id)
+    )
+    Batch().inc("atr_tasks_handed_back", model=task.model).send()
+
+
+def released(task_id: int, job_id: str, reason: str, status: str | None) -> None:
+    """A task was taken back from an attempt that ended without a word (its work-horse died)."""
+    log.warning(
+        "task %s job %s: %s; task now %s",
+        task_id,
+        job_id,
+        reason,
+        status or "not ours any more",
+        **_ids(task_id, job_id),
+    )
+    Batch().inc("atr_tasks_released").send()
+
+
+def circuit_opened(model: str, seconds: float) -> None:
+    """A model's provider kept failing: its breaker opened, pausing it for `seconds`."""
+    log.warning("model %s: circuit breaker open for %.0f s after repeated failures", model, seconds)
+    Batch().inc("atr_circuit_opened", model=model).send()

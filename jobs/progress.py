@@ -1,21 +1,32 @@
 """The worker's writes to a task: the atomic claim, progress, the lease, and fenced final writes.
 
 Every write after the claim is fenced by the attempt number and status PROCESSING, so a worker
-whose task was cancelled, deleted or taken back by the sweeper changes nothing.
+whose task was cancelled, deleted or taken back by the sweeper changes nothing. `release`
+hands a claimed task back when only its job id is known (a dead work-horse, a worker that
+shuts down), fenced by that job id instead.
+
+The database may blink: `with_database` retries a write while the connection is being
+re-established, so a restart of PostgreSQL delays work instead of failing it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from flask import Flask, current_app
-from sqlalchemy import update
+from redis.exceptions import RedisError
+from sqlalchemy import case, literal, select, update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from webapp.extensions import db
-from webapp.models import Task, TaskStatus, utcnow
+from webapp.models import Task, TaskStatus, UTCDateTime, utcnow
+from webapp.queues import enqueue_task, new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +63,127 @@ def _write(statement) -> bool:
     return result.rowcount == 1
 
 
-def claim(task_id: int) -> Claim | None:
-    """Take a PENDING task atomically, or return None (a duplicate job, or it was cancelled)."""
+T = TypeVar("T")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Return whether an error means the database is unreachable (as opposed to a bad query)."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def with_database(action: Callable[[], T], seconds: float | None = None) -> T:
+    """Run `action` (a write that commits), retrying while the database is unreachable.
+
+    Waits with capped exponential backoff for up to `seconds` (DB_RETRY_SECONDS), then lets
+    the error through. Each try starts from a clean session, so a connection the restart
+    broke is discarded and a new one made.
+    """
+    limit = current_app.config["DB_RETRY_SECONDS"] if seconds is None else seconds
+    deadline = time.monotonic() + limit
+    pause = 0.2
+    while True:
+        try:
+            return action()
+        except DBAPIError as exc:
+            db.session.rollback()
+            if not database_unavailable(exc) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("database unavailable (%s); retrying in %.1f s", type(exc.orig).__name__, pause)
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
+def claim(task_id: int, job_id: str | None = None) -> Claim | None:
+    """Take a PENDING task atomically, or return None (a duplicate job, or it was cancelled).
+
+    The row records the job that claimed it, so the task can be handed back by job id alone.
+    """
     now = utcnow()
+    values = dict(
+        status=TaskStatus.PROCESSING.value,
+        attempts=Task.attempts + 1,
+        lease_expires_at=_lease(now),
+        started_at=now,
+        progress=0,
+        result=None,
+        run_after=None,
+    )
+    if job_id:
+        values["job_id"] = job_id
     row = db.session.execute(
         update(Task)
         .where(Task.id == task_id, Task.status == TaskStatus.PENDING.value)
-        .values(
-            status=TaskStatus.PROCESSING.value,
-            attempts=Task.attempts + 1,
-            lease_expires_at=_lease(now),
-            started_at=now,
-            progress=0,
-            result=None,
-            run_after=None,
-        )
+        .values(**values)
         .returning(Task.attempts, Task.max_attempts, Task.prompt, Task.model, Task.priority, Task.params)
     ).first()
     db.session.commit()
     if row is None:
         return None
     return Claim(task_id, row.attempts, row.max_attempts, row.prompt, row.model, row.priority, row.params or {})
+
+
+def claimed_by(task_id: int, job_id: str) -> Claim | None:
+    """Return the claim `job_id` holds on the task, if any.
+
+    After a claim whose commit reply was lost (the database went away at that moment), this
+    tells whether the claim went through.
+    """
+    row = db.session.execute(
+        select(Task.attempts, Task.max_attempts, Task.prompt, Task.model, Task.priority, Task.params).where(
+            Task.id == task_id, Task.status == TaskStatus.PROCESSING.value, Task.job_id == job_id
+        )
+    ).first()
+    db.session.commit()
+    if row is None:
+        return None
+    return Claim(task_id, row.attempts, row.max_attempts, row.prompt, row.model, row.priority, row.params or {})
+
+
+def pending_task(task_id: int) -> tuple[str, int] | None:
+    """Return (model, priority) of a PENDING task, or None when it is not PENDING (or gone)."""
+    row = db.session.execute(
+        select(Task.model, Task.priority).where(Task.id == task_id, Task.status == TaskStatus.PENDING.value)
+    ).first()
+    db.session.commit()
+    return (row.model, row.priority) if row else None
+
+
+def reclaim(claim: Claim) -> Claim | None:
+    """Start the next attempt of a task this worker holds, in place (after a short wait).
+
+    One provider call per attempt stays true: the attempt number moves on and fences the old
+    one. None when the task is no longer ours or has no attempts left.
+    """
+    row = db.session.execute(
+        _fenced(claim)
+        .where(Task.attempts < Task.max_attempts)
+        .values(attempts=Task.attempts + 1, lease_expires_at=_lease(utcnow()), progress=0, result=None)
+        .returning(Task.attempts)
+    ).first()
+    db.session.commit()
+    return replace(claim, attempt=row.attempts) if row else None
+
+
+def defer(task_id: int, job_id: str | None, priority: int, model: str, delay: float, timeout: int) -> str | None:
+    """Move a PENDING task's run to `delay` seconds from now, without spending an attempt.
+
+    Used when its model's circuit breaker is open. Only the task's current job defers it (a
+    duplicate job just ends); returns the new job id, or None when nothing was deferred.
+    """
+    fence = [Task.id == task_id, Task.status == TaskStatus.PENDING.value]
+    if job_id:
+        fence.append(Task.job_id == job_id)
+    new_job = new_job_id(task_id)
+    hit = _write(update(Task).where(*fence).values(job_id=new_job, run_after=utcnow() + timedelta(seconds=delay)))
+    if not hit:
+        return None
+    try:
+        enqueue_task(task_id, priority, timeout, delay, job_id=new_job)
+    except RedisError:
+        log.warning("task %s: deferred but not enqueued (Redis unavailable); the sweeper will", task_id)
+    return new_job
 
 
 def report(claim: Claim, text: str, progress: int) -> bool:
@@ -116,20 +227,90 @@ def fail(claim: Claim, kind: str, message: str, text: str | None = None) -> bool
     )
 
 
-def hand_back(claim: Claim, kind: str, message: str, delay: float, job_id: str | None) -> bool:
-    """Put the task back to PENDING, due after `delay` seconds, with the job that will run it."""
-    return _write(
-        _fenced(claim).values(
+def hand_back(claim: Claim, kind: str, message: str, delay: float, job_id: str | None, refund: bool = False) -> bool:
+    """Put the task back to PENDING, due after `delay` seconds, with the job that will run it.
+
+    `refund` gives the attempt back (max_attempts + 1) when the attempt ended through no fault
+    of the task or its provider, e.g. the worker shut down.
+    """
+    values = dict(
+        status=TaskStatus.PENDING.value,
+        error=message,
+        error_kind=kind,
+        result=None,
+        progress=0,
+        lease_expires_at=None,
+        run_after=utcnow() + timedelta(seconds=delay),
+        job_id=job_id,
+    )
+    if refund:
+        values["max_attempts"] = Task.max_attempts + 1
+    return _write(_fenced(claim).values(**values))
+
+
+def release(task_id: int, job_id: str, kind: str, message: str, refund: bool) -> str | None:
+    """Hand back a task that job `job_id` claimed, knowing only the ids; enqueue its next run.
+
+    For whoever outlives an attempt: RQ's parent process after its work-horse died, a worker
+    that shuts down with tasks still running in threads. With `refund` the attempt is given
+    back; without, a task with no attempts left is FAILED (a task that keeps killing its
+    workers must end). Returns the new status, or None when the job no longer held the task.
+    """
+    no_attempts_left = Task.attempts >= Task.max_attempts
+    next_job = new_job_id(task_id)
+    now = literal(utcnow(), UTCDateTime())
+    if refund:
+        values = dict(
             status=TaskStatus.PENDING.value,
-            error=message,
-            error_kind=kind,
+            max_attempts=Task.max_attempts + 1,
             result=None,
             progress=0,
-            lease_expires_at=None,
-            run_after=utcnow() + timedelta(seconds=delay),
-            job_id=job_id,
+            run_after=now,
+            job_id=next_job,
+            error=message + " It will run again.",
+            error_kind=kind,
         )
-    )
+    else:
+        pending = TaskStatus.PENDING.value
+        values = dict(
+            status=case((no_attempts_left, TaskStatus.FAILED.value), else_=pending),
+            finished_at=case((no_attempts_left, now), else_=None),
+            result=case((no_attempts_left, Task.result), else_=None),
+            progress=case((no_attempts_left, Task.progress), else_=0),
+            run_after=case((no_attempts_left, None), else_=now),
+            job_id=case((no_attempts_left, Task.job_id), else_=next_job),
+            error=case(
+                (no_attempts_left, message + " No attempts are left; retry the task."),
+                else_=message + " It will run again.",
+            ),
+            error_kind=kind,
+        )
+    row = db.session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.status == TaskStatus.PROCESSING.value, Task.job_id == job_id)
+        .values(lease_expires_at=None, **values)
+        .returning(Task.status, Task.priority, Task.model)
+    ).first()
+    db.session.commit()
+    if row is None:
+        # Maybe the job never got as far as its claim: then the task waits for it, PENDING.
+        row = db.session.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.status == TaskStatus.PENDING.value, Task.job_id == job_id)
+            .values(job_id=next_job)
+            .returning(Task.status, Task.priority, Task.model)
+        ).first()
+        db.session.commit()
+    if row is None:
+        return None
+    if row.status == TaskStatus.PENDING.value:
+        from webapp.services.tasks import job_timeout
+
+        try:
+            enqueue_task(task_id, row.priority, job_timeout(row.model), job_id=next_job)
+        except RedisError:
+            log.warning("task %s handed back but not enqueued (Redis unavailable); the sweeper will", task_id)
+    return row.status
 
 
 class LeaseKeeper:
@@ -142,6 +323,7 @@ class LeaseKeeper:
 
     def __init__(self, app: Flask, claim: Claim):
         self.app = app
+        # The job replaces it when it starts another attempt in place (see `reclaim`).
         self.claim = claim
         self.lost = threading.Event()
         self._stop = threading.Event()

@@ -1,4 +1,17 @@
-"""What a worker runs for a task: claim it, stream the answer into the row, finish it once."""
+"""What a worker runs for a task: claim it, stream the answer into the row, finish it once.
+
+Every way an attempt can end leads to one fenced write: COMPLETED, FAILED, or back to PENDING
+with the job that will run it next. What else can happen, and what it does:
+
+- the model's circuit breaker is open: the task is deferred until it half-opens, unclaimed
+  (no attempt spent, no provider call);
+- 429 with a short Retry-After: the worker waits it out and starts the next attempt in place;
+  a long one hands the task back with a delayed retry;
+- the worker is asked to stop: the attempt finishes within the grace period or hands back
+  (attempt refunded);
+- the database goes away: the stream goes on, progress writes are skipped, and the final
+  write waits for the database (jobs.progress.with_database); nothing fails for it.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +25,19 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 from sqlalchemy.exc import DBAPIError
 
-from webapp.catalog import catalog
+from webapp.catalog import ModelSpec, catalog
+from webapp.extensions import db
 from webapp.queues import enqueue_task
 from webapp.services.tasks import job_timeout
 
 from . import events, progress
-from .progress import Claim, LeaseKeeper
+from .breaker import Breaker
+from .progress import Claim, LeaseKeeper, database_unavailable, with_database
 from .provider import ProviderError, Usage, stream_answer
+from .shutdown import drain
+
+# Failures that say something about the provider's health, as opposed to the request's.
+BREAKER_KINDS = {"rate_limited", "provider_error", "timeout", "connection", "bad_response"}
 
 
 class TaskAttemptError(Exception):
@@ -26,6 +45,10 @@ class TaskAttemptError(Exception):
 
     It carries ids and an error class only: RQ stores it in Redis, and rq-dashboard shows it.
     """
+
+
+class HandedBack(Exception):
+    """The attempt gave its task back (the worker is shutting down)."""
 
 
 def backoff_delay(attempt: int, retry_after: float | None) -> float:
@@ -41,76 +64,225 @@ def backoff_delay(attempt: int, retry_after: float | None) -> float:
 def run_task(task_id: int) -> str:
     """Run one attempt of a task; return how it ended (RQ keeps only this word)."""
     job = get_current_job()
-    job_id = job.id if job else "-"
-    task = progress.claim(task_id)
-    if task is None:
-        events.skipped(task_id, job_id)
+    job_id = job.id if job else None
+    label = job_id or "-"
+    pending = with_database(lambda: progress.pending_task(task_id))
+    if pending is None:
+        events.skipped(task_id, label)
         return "skipped"
-    events.claimed(task, job_id)
-    try:
-        return _attempt(task, job_id)
-    except TaskAttemptError:
-        raise
-    except JobTimeoutException:
-        err = ProviderError("timeout", "The attempt ran past the worker's time limit.", transient=True)
-        return _failed_attempt(task, job_id, err, "")
-    except DBAPIError:
-        # The database blinked: leave the task PROCESSING; its lease runs out and the sweeper
-        # hands it back. Never mark it failed for this.
-        events.database_lost(task, job_id)
-        # Not the DBAPIError itself: RQ keeps exception text in Redis, and it names the SQL's values.
-        raise TaskAttemptError(f"task {task_id} attempt {task.attempt}: database error") from None
-    except Exception as exc:
-        events.crashed(task, job_id)
-        with contextlib.suppress(DBAPIError):
-            progress.fail(
-                task,
-                "internal",
-                "The worker hit an internal error. Retry the task; if it keeps failing, tell an operator.",
-            )
-        raise TaskAttemptError(
-            f"task {task_id} attempt {task.attempt}: internal error ({type(exc).__name__})"
-        ) from None
+    model, priority = pending
+    spec = catalog().get(model)
+    if spec is not None:
+        verdict = Breaker(model).check(probe_seconds=spec.timeout)
+        if not verdict.allowed:
+            delay = verdict.wait + random.uniform(0, 1)  # spread the waiting tasks out
+            new_job = with_database(lambda: progress.defer(task_id, job_id, priority, model, delay, job_timeout(model)))
+            events.paused(task_id, label, model, delay, new_job)
+            return "paused"
+    task = _claim(task_id, job_id)
+    if task is None:
+        events.skipped(task_id, label)
+        return "skipped"
+    events.claimed(task, label)
+    with LeaseKeeper(current_app._get_current_object(), task) as keeper:
+        try:
+            return _attempt(keeper, spec, label)
+        except TaskAttemptError:
+            raise
+        except JobTimeoutException:
+            err = ProviderError("timeout", "The attempt ran past the worker's time limit.", transient=True)
+            return _failed_attempt(keeper.claim, label, err, "")
+        except DBAPIError as exc:
+            db.session.rollback()
+            if database_unavailable(exc):
+                # The database stayed away longer than DB_RETRY_SECONDS. Leave the task
+                # PROCESSING: its lease runs out and the sweeper hands it back. Never mark it
+                # failed for this.
+                events.database_lost(keeper.claim, label)
+                # Not the DBAPIError itself: RQ keeps exception text in Redis, and it names the
+                # SQL's values (the answer).
+                raise TaskAttemptError(f"task {task_id} attempt {keeper.claim.attempt}: database error") from None
+            return _crashed(keeper.claim, label, exc)
+        except Exception as exc:
+            return _crashed(keeper.claim, label, exc)
 
 
-def _attempt(task: Claim, job_id: str) -> str:
-    spec = catalog().get(task.model)
-    if spec is None:
+def _claim(task_id: int, job_id: str | None) -> Claim | None:
+    """Claim the task, waiting out a database restart; a lost commit reply is recognised."""
+    lost_reply = False
+
+    def attempt() -> Claim | None:
+        nonlocal lost_reply
+        try:
+            found = progress.claim(task_id, job_id)
+        except DBAPIError:
+            lost_reply = True
+            raise
+        if found is None and lost_reply and job_id:
+            return progress.claimed_by(task_id, job_id)
+        return found
+
+    return with_database(attempt)
+
+
+def _crashed(task: Claim, job_id: str, exc: BaseException) -> str:
+    events.crashed(task, job_id)
+    with contextlib.suppress(DBAPIError):
         progress.fail(
             task,
-            "unknown_model",
-            f"The model {task.model!r} is no longer offered. Submit the prompt again with another model.",
+            "internal",
+            "The worker hit an internal error. Retry the task; if it keeps failing, tell an operator.",
+        )
+    kind = type(exc).__name__
+    raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: internal error ({kind})") from None
+
+
+def _attempt(keeper: LeaseKeeper, spec: ModelSpec | None, job_id: str) -> str:
+    task = keeper.claim
+    if spec is None:
+        with_database(
+            lambda: progress.fail(
+                task,
+                "unknown_model",
+                f"The model {task.model!r} is no longer offered. Submit the prompt again with another model.",
+            )
         )
         events.failed(task, job_id, "unknown_model")
         return "failed"
+    breaker = Breaker(task.model)
+    while True:
+        try:
+            text, usage, pieces, seconds = _stream(keeper, spec, job_id)
+            break
+        except _Gone:
+            return _gone(keeper.claim, job_id)
+        except HandedBack:
+            return "handed_back"
+        except ProviderError as err:
+            task = keeper.claim
+            if err.kind in BREAKER_KINDS:
+                _count_failure(breaker)
+            if not _wait_inline(task, err, breaker, keeper, job_id):
+                return _failed_attempt(task, job_id, err, err.partial)
+            task = with_database(lambda t=task: progress.reclaim(t))
+            if task is None:
+                return _gone(keeper.claim, job_id)
+            keeper.claim = task
+            events.claimed(task, job_id)
+    task = keeper.claim
+    if not text.strip():
+        _count_failure(breaker)
+        err = ProviderError("empty_answer", "The model returned an empty answer.", transient=True)
+        return _failed_attempt(task, job_id, err, text)
+    breaker.success()
+    tokens = usage.completion_tokens or pieces
+    if not _finish(task, text, usage.prompt_tokens, tokens):
+        return _gone(task, job_id)
+    events.completed(task, job_id, tokens, seconds)
+    return "completed"
+
+
+def _count_failure(breaker: Breaker) -> None:
+    if opened := breaker.failure():
+        events.circuit_opened(breaker.model, opened)
+
+
+class _Gone(Exception):
+    """The task was cancelled, deleted or taken back while the attempt ran."""
+
+
+def _stream(keeper: LeaseKeeper, spec: ModelSpec, job_id: str) -> tuple[str, Usage, int, float]:
+    """Stream one provider call into the row; return (text, usage, pieces, seconds).
+
+    Raises ProviderError (with the text so far as `partial`), _Gone, or HandedBack when the
+    worker's grace period ran out mid-stream.
+    """
+    task = keeper.claim
+    if drain.draining:
+        _hand_back_for_shutdown(task, job_id)
     budget = task.params.get("max_tokens") or spec.default_max_tokens
     interval = current_app.config["PROGRESS_INTERVAL"]
     usage = Usage()
     pieces: list[str] = []
     started = last_write = time.monotonic()
-    with LeaseKeeper(current_app._get_current_object(), task) as keeper:
+    try:
+        for piece in stream_answer(spec, task.prompt, task.params, usage):
+            pieces.append(piece)
+            if keeper.lost.is_set():
+                raise _Gone()
+            if drain.expired():
+                _hand_back_for_shutdown(task, job_id)
+            if time.monotonic() - last_write >= interval:
+                last_write = time.monotonic()
+                # Progress is the share of the token budget produced so far (a chunk is ~a token).
+                if not _report(task, "".join(pieces), 100 * len(pieces) // budget):
+                    raise _Gone()
+    except ProviderError as err:
+        err.partial = "".join(pieces)
+        raise
+    return "".join(pieces), usage, len(pieces), time.monotonic() - started
+
+
+def _report(task: Claim, text: str, share: int) -> bool:
+    """Write the text so far; a database blip skips this write (the stream goes on)."""
+    try:
+        return progress.report(task, text, share)
+    except DBAPIError as exc:
+        db.session.rollback()
+        if not database_unavailable(exc):
+            raise
+        return True
+
+
+def _finish(task: Claim, text: str, prompt_tokens: int | None, tokens: int) -> bool:
+    """Write the answer, waiting for the database; a lost commit reply is recognised."""
+    lost_reply = False
+
+    def attempt() -> bool:
+        nonlocal lost_reply
         try:
-            for piece in stream_answer(spec, task.prompt, task.params, usage):
-                pieces.append(piece)
-                if keeper.lost.is_set():
-                    return _gone(task, job_id)
-                if time.monotonic() - last_write >= interval:
-                    # Progress is the share of the token budget produced so far (a chunk is ~a token).
-                    share = 100 * len(pieces) // budget
-                    if not progress.report(task, "".join(pieces), share):
-                        return _gone(task, job_id)
-                    last_write = time.monotonic()
-        except ProviderError as err:
-            return _failed_attempt(task, job_id, err, "".join(pieces))
-    text = "".join(pieces)
-    if not text.strip():
-        err = ProviderError("empty_answer", "The model returned an empty answer.", transient=True)
-        return _failed_attempt(task, job_id, err, text)
-    tokens = usage.completion_tokens or len(pieces)
-    if not progress.complete(task, text, usage.prompt_tokens, tokens):
-        return _gone(task, job_id)
-    events.completed(task, job_id, tokens, time.monotonic() - started, usage.prompt_tokens)
-    return "completed"
+            if progress.complete(task, text, prompt_tokens, tokens):
+                return True
+        except DBAPIError:
+            lost_reply = True
+            raise
+        return lost_reply and _completed_by(task)
+
+    return with_database(attempt)
+
+
+def _completed_by(task: Claim) -> bool:
+    from webapp.models import Task, TaskStatus
+
+    row = db.session.get(Task, task.task_id, populate_existing=True)
+    return row is not None and row.status == TaskStatus.COMPLETED.value and row.attempts == task.attempt
+
+
+def _wait_inline(task: Claim, err: ProviderError, breaker: Breaker, keeper: LeaseKeeper, job_id: str) -> bool:
+    """Wait out a short Retry-After in this worker; return whether to start the next attempt now."""
+    limit = current_app.config["RETRY_INLINE_MAX_SECONDS"]
+    if err.kind != "rate_limited" or err.retry_after is None or err.retry_after > limit:
+        return False
+    if task.attempt >= task.max_attempts or drain.draining or breaker.remaining() > 0:
+        return False
+    events.waiting(task, job_id, err, err.retry_after)
+    deadline = time.monotonic() + err.retry_after
+    while (left := deadline - time.monotonic()) > 0:
+        if drain.wait(min(left, 0.5)) or keeper.lost.is_set():
+            return False  # shutting down or no longer ours: hand back the usual way
+    return breaker.check().allowed
+
+
+def _hand_back_for_shutdown(task: Claim, job_id: str) -> None:
+    """Give the task back at once, attempt refunded, with a job ready for another worker."""
+    try:
+        next_job = enqueue_task(task.task_id, task.priority, job_timeout(task.model))
+    except RedisError:
+        next_job = None  # the sweeper enqueues it
+    message = "The worker running this task shut down; it will run again."
+    if with_database(lambda: progress.hand_back(task, "shutdown", message, 0, next_job, refund=True)):
+        events.handed_back(task, job_id, "shutdown", next_job)
+    raise HandedBack()
 
 
 def _gone(task: Claim, job_id: str) -> str:
@@ -122,6 +294,8 @@ def _failed_attempt(task: Claim, job_id: str, err: ProviderError, text: str) -> 
     """Hand the task back for a later attempt, or fail it; then tell RQ the attempt failed."""
     if err.transient and task.attempt < task.max_attempts:
         delay = backoff_delay(task.attempt, err.retry_after)
+        # Never due while its model's breaker is open: it would only be deferred again.
+        delay = max(delay, Breaker(task.model).remaining())
         # The job for the next attempt is created first; if the fenced write then misses (the
         # task was cancelled meanwhile) that job finds nothing to claim and ends quietly.
         try:
@@ -129,13 +303,13 @@ def _failed_attempt(task: Claim, job_id: str, err: ProviderError, text: str) -> 
         except RedisError:
             next_job = None  # the sweeper enqueues it once it is due
         message = f"{err.message} Attempt {task.attempt} of {task.max_attempts} failed; retrying in {delay:.0f} s."
-        progress.hand_back(task, err.kind, message, delay, next_job)
+        with_database(lambda: progress.hand_back(task, err.kind, message, delay, next_job))
         events.retrying(task, job_id, err, delay, next_job)
     else:
         if err.transient:
             message = f"{err.message} Gave up after {task.attempt} attempts; retry the task later."
         else:
             message = err.message
-        progress.fail(task, err.kind, message, text)
+        with_database(lambda: progress.fail(task, err.kind, message, text))
         events.failed(task, job_id, err.kind)
     raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: {err.kind}") from None

@@ -1,34 +1,53 @@
 """The sweeper: PostgreSQL is the record, so every unfinished task must have a way forward.
 
-- a PENDING task that no queue holds (Redis lost its data, or the process died between commit
-  and enqueue) is enqueued again;
 - a PROCESSING task whose lease expired (its worker died) goes back to PENDING, or to FAILED
-  when it has no attempts left.
-Duplicate jobs are harmless: the claim lets only one of them run.
+  when it has no attempts left;
+- a PENDING task that no queue holds (Redis lost its data, a worker died between taking a job
+  and claiming its task, the process died between commit and enqueue) is enqueued again.
+
+"Held" is read from RQ's own structures, all at once per pass: the queue lists and the
+scheduled registries. A job's status field is not enough: a worker killed right after popping
+a job leaves it `queued` (or `started`) for minutes, in no queue. A job that was popped and is
+about to claim its task (milliseconds) may be duplicated by a pass; the claim makes that
+harmless.
+
+Several sweepers may run (one per scheduler); a PostgreSQL advisory lock lets one pass run at a
+time (a Redis lock on SQLite, where there is one process anyway). Every write is fenced, and
+duplicate jobs are harmless (the claim lets only one of them run), so a pass that overlaps a
+worker changes nothing it should not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from flask import current_app
+from redis import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import delete, or_, select, update
+from rq.registry import ScheduledJobRegistry
+from rq.serializers import JSONSerializer
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import DBAPIError
 
 from webapp.extensions import db
 from webapp.models import IdempotencyKey, Task, TaskStatus, utcnow
-from webapp.queues import enqueue_task, redis
+from webapp.queues import QUEUE_NAMES, enqueue_task, get_queue, redis
 from webapp.services.tasks import job_timeout
+
+from .progress import database_unavailable
 
 log = logging.getLogger(__name__)
 
 LOCK_KEY = "atr:sweeper:lock"
+# pg_try_advisory_lock key: any constant the application does not use elsewhere.
+ADVISORY_LOCK = 0x41545253  # "ATRS"
 BATCH = 1000
-# RQ job statuses that mean a job is still on its way to a worker.
-HELD = {b"queued", b"scheduled", b"deferred", b"started"}
 
 
 @dataclass
@@ -47,110 +66,183 @@ class SweepReport:
         )
 
 
+class _Outage:
+    """Leases run out for everyone while the database is away: no one could renew them.
+
+    So after an outage the sweeper gives live workers two leases' time to renew before it
+    takes anything back; otherwise every task running through a database restart would be
+    run again.
+    """
+
+    down = False
+    hold_until = 0.0
+
+
 def sweep() -> SweepReport:
     """Run one pass, unless another process is sweeping right now."""
+    try:
+        with _lock() as acquired:
+            if _Outage.down:
+                _Outage.down = False
+                _Outage.hold_until = time.monotonic() + 2 * current_app.config["LEASE_SECONDS"]
+                log.info("sweeper: the database is back; leases are not taken back for a while")
+            if not acquired:
+                return SweepReport(skipped=True)
+            report = SweepReport()
+            if time.monotonic() >= _Outage.hold_until:
+                _take_back_expired(report)
+            _requeue_orphans(report)
+            _forget_idempotency_keys()
+            if report.requeued or report.reclaimed or report.failed:
+                log.info("%s", report)
+            return report
+    except DBAPIError as exc:
+        if database_unavailable(exc):
+            _Outage.down = True
+        raise
+
+
+@contextlib.contextmanager
+def _lock() -> Iterator[bool]:
+    """Hold the sweeper lock for one pass; yield whether we got it."""
+    if db.engine.dialect.name == "postgresql":
+        # A session lock on a connection of its own: released when the pass ends, or by
+        # PostgreSQL itself if this process dies. Works while Redis is down.
+        with db.engine.connect() as connection:
+            acquired = connection.scalar(select(func.pg_try_advisory_lock(ADVISORY_LOCK)))
+            try:
+                yield bool(acquired)
+            finally:
+                if acquired:
+                    with contextlib.suppress(Exception):
+                        connection.scalar(select(func.pg_advisory_unlock(ADVISORY_LOCK)))
+                connection.rollback()
+        return
     connection = redis()
     token = secrets.token_hex(8)
     ttl = max(60, int(current_app.config["SWEEP_INTERVAL"]) * 2)
-    if not connection.set(LOCK_KEY, token, nx=True, ex=ttl):
-        return SweepReport(skipped=True)
+    acquired = bool(connection.set(LOCK_KEY, token, nx=True, ex=ttl))
     try:
-        report = SweepReport()
-        _take_back_expired(report)
-        _requeue_orphans(report)
-        _forget_idempotency_keys()
-        if report.requeued or report.reclaimed or report.failed:
-            log.info("%s", report)
-        return report
+        yield acquired
     finally:
-        # Release only our own lock (it may have expired and been taken by another sweeper).
-        connection.eval(
-            "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
-            1,
-            LOCK_KEY,
-            token,
-        )
+        if acquired:
+            # Release only our own lock (it may have expired and been taken by another sweeper).
+            connection.eval(
+                "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0",
+                1,
+                LOCK_KEY,
+                token,
+            )
 
 
 def _take_back_expired(report: SweepReport) -> None:
     now = utcnow()
-    expired = db.session.execute(
-        select(Task.id, Task.attempts, Task.max_attempts)
-        .where(Task.status == TaskStatus.PROCESSING.value, Task.lease_expires_at < now)
-        .order_by(Task.id)
-        .limit(BATCH)
-    ).all()
-    for task_id, attempts, max_attempts in expired:
-        # Fenced like a worker's write: only if nobody renewed or finished it meanwhile.
-        fence = update(Task).where(
-            Task.id == task_id,
-            Task.attempts == attempts,
-            Task.status == TaskStatus.PROCESSING.value,
-            Task.lease_expires_at < now,
-        )
-        if attempts >= max_attempts:
-            values = dict(
-                status=TaskStatus.FAILED.value,
-                error_kind="worker_lost",
-                error=f"The worker running this task stopped responding, and all {max_attempts} attempts "
-                "are used. Retry the task.",
-                lease_expires_at=None,
-                finished_at=now,
-            )
-            outcome = report.failed
-        else:
-            values = dict(
-                status=TaskStatus.PENDING.value,
-                error_kind="worker_lost",
-                error="The worker running this task stopped responding; it will run again.",
-                lease_expires_at=None,
-                result=None,
-                progress=0,
-                run_after=now,
-                job_id=None,
-            )
-            outcome = report.reclaimed
-        if db.session.execute(fence.values(**values)).rowcount:
-            outcome.append(task_id)
+    after = 0
+    while True:
+        expired = db.session.execute(
+            select(Task.id, Task.attempts, Task.max_attempts)
+            .where(Task.status == TaskStatus.PROCESSING.value, Task.lease_expires_at < now, Task.id > after)
+            .order_by(Task.id)
+            .limit(BATCH)
+        ).all()
         db.session.commit()
+        if not expired:
+            return
+        after = expired[-1].id
+        for task_id, attempts, max_attempts in expired:
+            # Fenced like a worker's write: only if nobody renewed or finished it meanwhile.
+            fence = update(Task).where(
+                Task.id == task_id,
+                Task.attempts == attempts,
+                Task.status == TaskStatus.PROCESSING.value,
+                Task.lease_expires_at < now,
+            )
+            if attempts >= max_attempts:
+                values = dict(
+                    status=TaskStatus.FAILED.value,
+                    error_kind="worker_lost",
+                    error=f"The worker running this task stopped responding, and all {max_attempts} attempts "
+                    "are used. Retry the task.",
+                    lease_expires_at=None,
+                    finished_at=now,
+                )
+                outcome = report.failed
+            else:
+                values = dict(
+                    status=TaskStatus.PENDING.value,
+                    error_kind="worker_lost",
+                    error="The worker running this task stopped responding; it will run again.",
+                    lease_expires_at=None,
+                    result=None,
+                    progress=0,
+                    run_after=now,
+                    job_id=None,
+                )
+                outcome = report.reclaimed
+            if db.session.execute(fence.values(**values)).rowcount:
+                outcome.append(task_id)
+            db.session.commit()
     # The reclaimed tasks are PENDING with no job now: the orphan pass enqueues them.
+
+
+def held_job_ids(connection: Redis) -> set[str]:
+    """Return the ids of every job waiting in RQ: on a queue, or scheduled for later."""
+    held: set[str] = set()
+    for name in QUEUE_NAMES:
+        queue = get_queue(name, connection)
+        held.update(queue.get_job_ids())
+        held.update(ScheduledJobRegistry(queue=queue, serializer=JSONSerializer).get_job_ids(cleanup=False))
+    return held
 
 
 def _requeue_orphans(report: SweepReport) -> None:
     now = utcnow()
     grace = now - timedelta(seconds=current_app.config["SWEEP_GRACE_SECONDS"])
-    candidates = db.session.execute(
-        select(Task.id, Task.priority, Task.model, Task.job_id, Task.run_after, Task.created_at)
-        .where(
-            Task.status == TaskStatus.PENDING.value,
-            or_(Task.job_id.is_(None), Task.updated_at < grace),
-        )
-        .order_by(Task.id)
-        .limit(BATCH)
-    ).all()
-    if not candidates:
-        return
     connection = redis()
-    with connection.pipeline(transaction=False) as pipe:
-        for row in candidates:
-            pipe.hget(f"rq:job:{row.job_id}", "status") if row.job_id else pipe.echo("")
-        statuses = pipe.execute()
-    for row, status in zip(candidates, statuses, strict=True):
-        if row.job_id and status in HELD:
-            continue
-        if row.job_id is None and row.run_after is None and row.created_at >= grace:
-            continue  # submitted a moment ago; its enqueue may still be under way
-        delay = max(0.0, (row.run_after - now).total_seconds()) if row.run_after else 0.0
-        try:
-            job_id = enqueue_task(row.id, row.priority, job_timeout(row.model), delay)
-        except RedisError:
-            log.warning("sweeper: Redis unavailable; will retry next pass")
-            return
-        db.session.execute(
-            update(Task).where(Task.id == row.id, Task.status == TaskStatus.PENDING.value).values(job_id=job_id)
-        )
+    held: set[str] | None = None
+    after = 0
+    while True:
+        candidates = db.session.execute(
+            select(Task.id, Task.priority, Task.model, Task.job_id, Task.run_after, Task.created_at)
+            .where(
+                Task.status == TaskStatus.PENDING.value,
+                or_(Task.job_id.is_(None), Task.updated_at < grace),
+                Task.id > after,
+            )
+            .order_by(Task.id)
+            .limit(BATCH)
+        ).all()
         db.session.commit()
-        report.requeued.append(row.id)
+        if not candidates:
+            return
+        after = candidates[-1].id
+        if held is None:
+            try:
+                held = held_job_ids(connection)
+            except RedisError:
+                log.warning("sweeper: Redis unavailable; will retry next pass")
+                return
+        for row in candidates:
+            if row.job_id and row.job_id in held:
+                continue
+            if row.job_id is None and row.run_after is None and row.created_at >= grace:
+                continue  # submitted a moment ago; its enqueue may still be under way
+            delay = max(0.0, (row.run_after - now).total_seconds()) if row.run_after else 0.0
+            try:
+                job_id = enqueue_task(row.id, row.priority, job_timeout(row.model), delay)
+            except RedisError:
+                log.warning("sweeper: Redis unavailable; will retry next pass")
+                return
+            # Fenced on the job it replaces: a worker that handed the task back meanwhile wins.
+            fence = Task.job_id.is_(None) if row.job_id is None else Task.job_id == row.job_id
+            hit = db.session.execute(
+                update(Task)
+                .where(Task.id == row.id, Task.status == TaskStatus.PENDING.value, fence)
+                .values(job_id=job_id)
+            ).rowcount
+            db.session.commit()
+            if hit:
+                report.requeued.append(row.id)
 
 
 def _forget_idempotency_keys() -> None:

@@ -9,15 +9,21 @@ when the steps run out the default answer comes back. A step is a dict:
     {"hang": 30}                              accept, send headers, then say nothing for 30 s
     {"malformed": True}                       a stream whose chunk is not JSON
     {"usage": False}                          stream without the usage chunk
+    {"storm": {"429": 0.3, "500": 0.2, "hang": 0.05}, "retry_after": 1, "hang_seconds": 20, ...}
+                                              per call, at random: a 429 (with Retry-After), a 500,
+                                              a hang, or else the rest of the step (e.g. chunks)
 
 A prompt may also carry its default behaviour itself, for tests that run the provider in
 another process: a first line `#fake {"chunks": 20, "delay": 0.1}` (chunks may be a count).
-Every call is recorded in `calls`. Run it alone with `python -m tests.fake_provider PORT`.
+Every call is recorded in `calls`; `GET /_calls` answers {prompt: number of calls} (for tests
+that run it in another process). Run it alone with `python -m tests.fake_provider PORT` (0 picks
+a free port; the first line printed is its URL).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import sys
 import threading
 import time
@@ -99,12 +105,21 @@ def _handler(provider: FakeProvider):
             pass
 
         def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
+            if self.path == "/_calls":
+                with provider.lock:
+                    counts: dict[str, int] = {}
+                    for call in provider.calls:
+                        counts[call.prompt] = counts.get(call.prompt, 0) + 1
+                self._json(200, counts)
+            elif self.path.rstrip("/") == "/v1/models":
                 self._json(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
             else:
                 self._json(404, {"error": {"message": "not found"}})
 
         def do_POST(self):
+            if self.path == "/_reset":
+                provider.reset()
+                return self._json(200, {})
             length = int(self.headers.get("Content-Length") or 0)
             try:
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -124,6 +139,8 @@ def _handler(provider: FakeProvider):
                 call.disconnected = True
 
         def _respond(self, call: Call, body: dict, step: dict) -> None:
+            if "storm" in step:
+                step = _storm(step)
             if "status" in step:
                 call.outcome = f"status {step['status']}"
                 headers = {}
@@ -184,6 +201,19 @@ def _handler(provider: FakeProvider):
             self.wfile.write(data)
 
     return Handler
+
+
+def _storm(step: dict) -> dict:
+    """Draw this call's fate from a storm step's odds."""
+    odds = step["storm"]
+    roll = random.random()
+    for fate in ("429", "500", "hang"):
+        roll -= odds.get(fate, 0)
+        if roll < 0:
+            if fate == "hang":
+                return {"hang": step.get("hang_seconds", 20)}
+            return {"status": int(fate), "retry_after": step.get("retry_after") if fate == "429" else None}
+    return {key: value for key, value in step.items() if key not in ("storm", "retry_after", "hang_seconds")}
 
 
 def _chunk(content: str | None, finish: str | None = None) -> dict:

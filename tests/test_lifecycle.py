@@ -186,7 +186,8 @@ def test_permanent_errors_fail_at_once(app, api, fake_provider, status, words):
     assert done["finished_at"] is not None
 
 
-def test_gives_up_after_the_configured_attempts(app, api, fake_provider):
+def test_gives_up_after_the_configured_attempts(app, api, fake_provider, monkeypatch):
+    monkeypatch.setitem(app.config, "BREAKER_FAILURES", 100)  # five 500s in a row would pause the model
     prompt = "always broken"
     fake_provider.script(prompt, *[{"status": 500}] * 5)
     task = api.submit(prompt)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from jobs import progress
-from jobs.sweeper import LOCK_KEY, sweep
+from jobs.sweeper import ADVISORY_LOCK, sweep
 from tests.conftest import redis_conn, task_row, work
 from webapp.extensions import db
 from webapp.models import Task, utcnow
@@ -98,15 +98,20 @@ def test_a_live_lease_is_not_touched(app, api):
 
 
 def test_only_one_sweeper_at_a_time(app, api):
-    connection = redis_conn()
-    connection.set(LOCK_KEY, "someone-else", ex=60)
-    with app.app_context():
-        assert sweep().skipped
-    assert connection.get(LOCK_KEY) == b"someone-else"  # not released by the loser
-    connection.delete(LOCK_KEY)
+    """Another process holding the advisory lock makes a pass skip; its death frees the lock."""
+    from sqlalchemy import create_engine, text
+
+    from tests.conftest import TEST_DATABASE_URL
+
+    other = create_engine(TEST_DATABASE_URL.replace("postgresql://", "postgresql+psycopg2://"))
+    with other.connect() as connection:
+        assert connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_LOCK})
+        with app.app_context():
+            assert sweep().skipped
+    other.dispose()  # the holder's session ended: PostgreSQL released its lock
     with app.app_context():
         assert not sweep().skipped
-    assert connection.get(LOCK_KEY) is None
+        assert not sweep().skipped  # and we released ours
 
 
 def test_sweep_command(runner, api):

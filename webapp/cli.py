@@ -71,15 +71,13 @@ def create_token(name: str, label: str) -> None:
 @with_appcontext
 def worker(burst: bool, name: str | None, queues: tuple[str, ...]) -> None:
     """Run a worker on QUEUES (default: high default low, in that order)."""
-    from jobs.worker import make_worker
+    from jobs.worker import run_worker
 
     _setup_logging()
     unknown = set(queues) - set(QUEUE_NAMES)
     if unknown:
         raise click.BadParameter(f"unknown queue(s) {', '.join(sorted(unknown))}; use {', '.join(QUEUE_NAMES)}")
-    make_worker(queues or QUEUE_NAMES, name=name).work(
-        burst=burst, with_scheduler=True, logging_level=current_app.config["LOG_LEVEL"]
-    )
+    run_worker(queues or QUEUE_NAMES, name=name, burst=burst)
 
 
 @click.command("sweep")

@@ -41,7 +41,8 @@ class Config:
     # A worker holds a task for this long and renews it while it works.
     LEASE_SECONDS = 30
     PROGRESS_INTERVAL = 1.0
-    SWEEP_INTERVAL = 60
+    # A task orphaned by a dead worker runs again within LEASE_SECONDS + SWEEP_INTERVAL.
+    SWEEP_INTERVAL = 15
     # A PENDING task this old with no job in any queue is re-enqueued by the sweeper.
     SWEEP_GRACE_SECONDS = 30
     IDEMPOTENCY_TTL_HOURS = 24
@@ -49,6 +50,19 @@ class Config:
     # the scheduler checks every CLEANUP_INTERVAL seconds.
     RETENTION_DAYS = 7
     CLEANUP_INTERVAL = 3600
+    # A 429 asking to wait at most this long is waited out by the worker; longer, the task is
+    # handed back with a delayed retry so the worker can take other work.
+    RETRY_INLINE_MAX_SECONDS = 5.0
+    # Circuit breaker per model, shared by all workers through Redis: this many transient
+    # failures in a row pause the model for BREAKER_OPEN_SECONDS (doubling while probes fail).
+    BREAKER_FAILURES = 5
+    BREAKER_OPEN_SECONDS = 15.0
+    BREAKER_MAX_OPEN_SECONDS = 120.0
+    # On SIGTERM a worker finishes what it runs within this many seconds or hands it back.
+    SHUTDOWN_GRACE_SECONDS = 40.0
+    # How long a worker keeps retrying a database write (claim, final answer) while the
+    # database is unreachable, before it leaves the task to the sweeper.
+    DB_RETRY_SECONDS = 60.0
 
     # Set to the number of proxies in front of the app (1 behind one TLS proxy) so client
     # addresses and https are read from X-Forwarded-*; 0 trusts no such header.

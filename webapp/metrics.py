@@ -57,6 +57,10 @@ COUNTERS = {
         Spec("atr_provider_errors", "Failed attempts by error class (retried or final).", ("model", "kind")),
         Spec("atr_tasks_stopped", "Attempts stopped: the task was cancelled, deleted or taken back.", ("model",)),
         Spec("atr_tokens", "Tokens used by completed tasks.", ("model", "type")),
+        Spec("atr_tasks_deferred", "Jobs deferred unclaimed because the model's circuit breaker was open.", ("model",)),
+        Spec("atr_tasks_handed_back", "Attempts handed back unfinished by a worker shutting down.", ("model",)),
+        Spec("atr_tasks_released", "Tasks taken back at once after their work-horse died.", ()),
+        Spec("atr_circuit_opened", "Times a model's circuit breaker opened.", ("model",)),
     )
 }
 HISTOGRAMS = {
