@@ -178,7 +178,7 @@ def _attempt(keeper: LeaseKeeper, spec: ModelSpec | None, job_id: str) -> str:
     tokens = usage.completion_tokens or pieces
     if not _finish(task, text, usage.prompt_tokens, tokens):
         return _gone(task, job_id)
-    events.completed(task, job_id, tokens, seconds)
+    events.completed(task, job_id, tokens, seconds, usage.prompt_tokens)
     return "completed"
 
 
