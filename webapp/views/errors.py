@@ -9,7 +9,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from ..auth import user_or_anonymous
-from ..errors import AppError
+from ..errors import AppError, RateLimitedError
 from ..extensions import db
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,12 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(AppError)
     def app_error(exc: AppError):
         db.session.rollback()
-        return error_response(exc.status, exc.message, exc.details, exc.code)
+        headers = {}
+        if isinstance(exc, RateLimitedError):
+            headers["Retry-After"] = str(exc.retry_after)
+        if exc.status == 401 and wants_json():
+            headers["WWW-Authenticate"] = 'Bearer realm="api"'  # RFC 6750: say which scheme to use
+        return error_response(exc.status, exc.message, exc.details, exc.code, headers=headers)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -76,7 +81,8 @@ def init_app(app: Flask) -> None:
             return exc.response  # already rendered (request validation aborts with our envelope)
         status = exc.code or 500
         message = MESSAGES.get(status) if exc.description == type(exc).description else exc.description
-        headers = {"Retry-After": exc.retry_after} if getattr(exc, "retry_after", None) else None
+        # Keep what the exception says in headers (Allow on a 405, Retry-After), not its HTML type.
+        headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
         return error_response(status, message or exc.description or exc.name, headers=headers)
 
     @app.errorhandler(OperationalError)
