@@ -22,6 +22,7 @@ from ..schemas import (
 )
 from ..services import health as health_service
 from ..services import tasks as service
+from ..services.accounts import TOKEN_PREFIX
 
 tasks_tag = Tag(name="tasks", description="Submit prompts and follow their answers")
 meta_tag = Tag(name="meta", description="Models and health")
@@ -30,6 +31,8 @@ BEARER = [{"bearer": []}]
 COMMON = {401: ErrorEnvelope, 422: ErrorEnvelope, 429: ErrorEnvelope, 503: ErrorEnvelope}
 BODY_ERRORS = {400: ErrorEnvelope, 413: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope}
 PUBLIC_ENDPOINTS = {"api.health", "api.openapi"}
+# Query parameters other APIs read tokens from; ours never does, and says so.
+CREDENTIAL_PARAMETERS = {"access_token", "token", "api_key", "apikey", "api-key", "key", "auth", "authorization"}
 
 
 def _operation_id(*, name: str, path: str, method: str) -> str:
@@ -47,6 +50,11 @@ def check_request():
         from werkzeug.exceptions import RequestEntityTooLarge
 
         raise RequestEntityTooLarge()
+    if _credentials_in_url():
+        raise AuthError(
+            "API tokens are never accepted in the URL, where they end up in logs and browser history: "
+            "send it as 'Authorization: Bearer <token>'. If that was a real token, revoke it on the Tokens page."
+        )
     if request.endpoint in PUBLIC_ENDPOINTS:
         return None
     user = api_user()
@@ -59,6 +67,14 @@ def check_request():
     if request.method == "POST" and request.endpoint == "api.create_task":
         _require_json_object()
     return None
+
+
+def _credentials_in_url() -> bool:
+    """Whether the query string carries something that looks like a credential."""
+    return any(
+        name.lower() in CREDENTIAL_PARAMETERS or value.startswith(TOKEN_PREFIX)
+        for name, value in request.args.items(multi=True)
+    )
 
 
 def _require_json_object() -> None:
