@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import current_app, g, jsonify, request, url_for
 from flask_openapi3 import APIBlueprint, Tag
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import __version__
 from ..auth import api_user
@@ -47,8 +48,12 @@ def check_request():
     """Refuse oversized bodies and unknown callers before anything touches the database."""
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is not None and request.content_length > limit:
-        from werkzeug.exceptions import RequestEntityTooLarge
-
+        raise RequestEntityTooLarge()
+    # A chunked body has no length to check: read it now, so an oversized one is refused before
+    # the token lookup. werkzeug stops reading at the limit without a word (the truncated body
+    # could even parse), so reaching the limit is the refusal.
+    chunked = request.content_length is None and request.method in ("POST", "PUT", "PATCH")
+    if chunked and len(request.get_data(cache=True)) >= limit:
         raise RequestEntityTooLarge()
     if _credentials_in_url():
         raise AuthError(

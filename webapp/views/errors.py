@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 from flask import Flask, jsonify, make_response, render_template, request
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -64,6 +65,19 @@ def validation_response(exc):
     return error_response(422, f"The request is not valid: {summary}", details)
 
 
+def database_error_summary(exc: DBAPIError) -> str:
+    """Say what went wrong in the database without the values involved.
+
+    The driver's message carries PostgreSQL's DETAIL ("Failing row contains (…)", "Key (username)=
+    (alice) already exists"), which holds user data: prompts, names, digests. The primary message
+    names the constraint or the problem, and that is what is logged, with the stack.
+    """
+    orig = exc.orig
+    diag = getattr(orig, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    return f"{type(exc).__name__} ({type(orig).__name__}): {primary or 'no message from the driver'}"
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(AppError)
     def app_error(exc: AppError):
@@ -96,7 +110,13 @@ def init_app(app: Flask) -> None:
                 "The database is unavailable. Nothing was changed; try again in a few seconds.",
                 headers={"Retry-After": "5"},
             )
-        log.exception("database error")
+        log.error(
+            "database error on %s %s: %s\n%s",
+            request.method,
+            request.path,
+            database_error_summary(exc),
+            "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+        )
         return error_response(500, MESSAGES[500])
 
     @app.errorhandler(Exception)
