@@ -262,6 +262,15 @@ def test_passwords_are_hashed_with_scrypt_and_old_hashes_are_upgraded(app, clien
         db.session.remove()
 
 
+def test_a_username_is_exactly_the_allowed_characters(ctx):
+    from webapp.errors import ValidationError
+
+    for name in ("eve\n", "eve\x00", " eve", "eve/..", "é"):
+        with pytest.raises(ValidationError):
+            accounts.create_user(name, PASSWORD)
+        assert accounts.find_user(name) is None
+
+
 def test_tokens_are_random_stored_hashed_and_shown_by_prefix_only(app, api):
     secret = api.token[len("atr_") :]
     assert api.token.startswith("atr_") and len(base64.urlsafe_b64decode(secret + "=")) == 32  # 256 bits
