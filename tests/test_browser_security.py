@@ -10,6 +10,7 @@ app did not render and any request whose address carries a payload's marker.
 from __future__ import annotations
 
 import re
+import time
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -71,13 +72,18 @@ def test_payloads_stay_text_for_the_user(page, app, fake_provider, server, reque
     for payload in PAYLOADS:
         fake_provider.script(payload, {"chunks": [payload]})
     everything = "\n\n".join(PAYLOADS)
-    fake_provider.script("all at once", {"chunks": PAYLOADS, "delay": 0.05})
+    fake_provider.script("all at once", {"chunks": PAYLOADS, "delay": 0.15})  # 6 s (the model times out at 10)
     fake_provider.script("the provider refuses", {"status": 400, "message": everything[:2000]})
+    # In the high queue, so the worker takes them first: the page watches the first one stream.
+    streaming = api.submit("all at once", priority=10, params={"system": everything})
+    refused = api.submit("the provider refuses", priority=10)
     tasks = [api.submit(payload) for payload in PAYLOADS]
-    streaming = api.submit("all at once", params={"system": everything})
-    refused = api.submit("the provider refuses")
 
     sign_in(page)
+    deadline = time.monotonic() + 30
+    while task_row(app, streaming["id"]).status == "PENDING":
+        assert time.monotonic() < deadline, "the worker did not start the task"
+        time.sleep(0.05)
     page.goto(f"/tasks/{streaming['id']}")
     section = page.locator(f"#task-{streaming['id']}")
     expect(section.locator(".answer .text")).to_contain_text('alert("xss-script")')  # escaped while it streams
@@ -87,6 +93,7 @@ def test_payloads_stay_text_for_the_user(page, app, fake_provider, server, reque
     expect(page.locator(".prompt > .text")).to_have_text("all at once")
     assert_no_hostile_markup(page)
 
+    wait_finished(app, refused["id"])
     page.goto(f"/tasks/{refused['id']}")
     expect(page.locator("section.task .badge")).to_have_text("Failed")
     expect(page.locator("section.task")).to_contain_text('<script>alert("xss-script")</script>')
