@@ -29,8 +29,8 @@ from tests.tally import counts
 from tests.test_authz import FORMS, ROUTES, STATE_CHANGING, build_world
 from webapp import create_app
 
-API_EXAMPLES = 400
-PAGE_EXAMPLES = 1000
+API_EXAMPLES = 250
+PAGE_EXAMPLES = 600
 
 
 class Forward:

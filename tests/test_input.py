@@ -24,7 +24,7 @@ from tests.test_pages import login
 from webapp.extensions import db
 from webapp.models import Task
 
-EXAMPLES = 150
+EXAMPLES = 100
 bounded = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 # Any Unicode a JSON string can carry (lone surrogates and NUL have their own properties).
