@@ -46,7 +46,7 @@ COPY jobs/ jobs/
 COPY templates/ templates/
 COPY static/ static/
 COPY migrations/ migrations/
-COPY wsgi.py ./
+COPY wsgi.py gunicorn.conf.py ./
 
 # Precompile (the app user cannot write __pycache__ next to the code), fail the build now if
 # the local model file is missing rather than at the first task, and give the app user the

@@ -240,3 +240,13 @@ def task_row(app, task_id: int) -> Task:
         task = db.session.get(Task, task_id)
         db.session.expunge(task)
         return task
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print what the security tests tried (tests/tally.py), when they ran."""
+    from tests.tally import counts
+
+    if counts:
+        terminalreporter.write_sep("-", "security checks")
+        for name, count in sorted(counts.items()):
+            terminalreporter.write_line(f"{count:>9,}  {name}")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.conftest import PASSWORD, TEST_DATABASE_URL, TEST_REDIS_URL, make_user, task_row, work
+from tests.conftest import PASSWORD, make_user, task_row, work
 from webapp.errors import ForbiddenError
 from webapp.rendering import render_markdown
 
@@ -96,27 +96,12 @@ def test_next_goes_only_to_this_site(client, app):
 
 
 @pytest.fixture
-def limited_client(app, monkeypatch):
-    """A client of an app with the rate limits on (the session's app has them off)."""
-    from webapp import create_app
-    from webapp.extensions import limiter
-
-    # Limiter keeps its state on the one extension object: put `enabled` back afterwards.
-    monkeypatch.setattr(limiter, "enabled", limiter.enabled)
-    limited = create_app(
-        {
-            "TESTING": True,
-            "SECRET_KEY": app.config["SECRET_KEY"],
-            "DATABASE_URL": TEST_DATABASE_URL,
-            "REDIS_URL": TEST_REDIS_URL,
-            "MODELS_FILE": app.config["MODELS_FILE"],
-            "DEFAULT_MODEL": "fake",
-            "RATELIMIT_ENABLED": True,
-            "LOGIN_LIMIT_PER_ACCOUNT": "3/minute",
-            "LOGIN_LIMIT_PER_ADDRESS": "5/minute",
-        }
-    )
-    return limited.test_client()
+def limited_client(app, client, monkeypatch):
+    """A client of the app with the rate limits on, for this test only (the suite runs with them off)."""
+    monkeypatch.setitem(app.config, "RATELIMIT_ENABLED", True)
+    monkeypatch.setitem(app.config, "LOGIN_LIMIT_PER_ACCOUNT", "3/minute")
+    monkeypatch.setitem(app.config, "LOGIN_LIMIT_PER_ADDRESS", "5/minute")
+    return client
 
 
 def test_repeated_failures_on_an_account_are_throttled(limited_client, app):

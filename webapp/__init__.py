@@ -9,7 +9,8 @@ from redis import Redis
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as cfg
-from .extensions import csrf, db, limiter, login_manager, migrate
+from . import ratelimits, security
+from .extensions import csrf, db, login_manager, migrate
 from .logs import setup_logging
 from .schemas import PROMPT_CEILING, ErrorEnvelope
 
@@ -49,25 +50,27 @@ def create_app(overrides: dict | None = None) -> App:
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", cfg.database_uri(app.config["DATABASE_URL"], instance))
     app.config["REDIS_URL"] = cfg.redis_url(app.config["REDIS_URL"], instance)
     app.config["SECRET_KEY"] = cfg.secret_key(app.config["SECRET_KEY"], app.config["APP_ENV"], instance)
+    options = app.config["SQLALCHEMY_ENGINE_OPTIONS"] = dict(app.config["SQLALCHEMY_ENGINE_OPTIONS"])
+    # A database error's message (which is logged) never carries the statement's values:
+    # prompts, password hashes, token digests.
+    options["hide_parameters"] = True
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("postgresql"):
-        options = app.config["SQLALCHEMY_ENGINE_OPTIONS"] = dict(app.config["SQLALCHEMY_ENGINE_OPTIONS"])
         options.setdefault("connect_args", {"connect_timeout": 5, "application_name": "ai-task-runner"})
 
     if app.config["TRUSTED_PROXIES"]:
         hops = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
 
-    app.config.setdefault("RATELIMIT_STORAGE_URI", cfg.limiter_storage(app.config["REDIS_URL"]))
-
     db.init_app(app)
     migrate.init_app(app, db, directory=str(cfg.ROOT / "migrations"))
     login_manager.init_app(app)
     csrf.init_app(app)
-    limiter.init_app(app)
     # One client per process; it connects lazily. Short timeouts so a dead Redis fails fast.
     app.extensions["redis"] = Redis.from_url(
         app.config["REDIS_URL"], socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
     )
+    ratelimits.init_app(app)
+    security.init_app(app)
 
     from .catalog import load_catalog
 

@@ -17,20 +17,26 @@ is re-enqueued by the sweeper; a requeued job whose task is finished claims noth
 from __future__ import annotations
 
 import functools
+import re
 
 from flask import Flask, Response, abort, current_app, jsonify, request
 from flask_login import current_user
 from flask_wtf.csrf import generate_csrf
-from rq import Worker
+from rq import Queue, Worker
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import requeue_job
 from rq.serializers import JSONSerializer
 
 from .auth import login_manager
 from .errors import ForbiddenError
+from .security import cookie_secure
+from .views.errors import CODES, error_response
 
 PREFIX = "/admin/rq"
 BLUEPRINT = "rq_dashboard"
 CSRF_COOKIE = "_csrf_token"  # the name rq-dashboard's script reads
+MAX_PAGE_NUMBER = 1_000_000
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
 
 def _wants_json() -> bool:
@@ -59,7 +65,25 @@ def guard() -> Response | None:
         raise ForbiddenError("This page is for administrators.")
     if request.endpoint == f"{BLUEPRINT}.requeue_all" and request.method != "POST":
         abort(405)  # a GET that changes state would bypass CSRF protection
+    args = request.view_args or {}
+    # It serves one Redis, instance 0; another number, or page numbers that are not numbers
+    # (it parses those itself), would be a 500 rather than a 404.
+    if (
+        args.get("instance_number", 0) != 0
+        or (request.endpoint == f"{BLUEPRINT}.list_jobs" and not _page_numbers_ok(args))
+        or ("job_id" in args and not JOB_ID.fullmatch(args["job_id"]))  # RQ raises ValueError on those
+    ):
+        return _dashboard_error(404, "There is nothing at this address.")
+    if request.endpoint == f"{BLUEPRINT}.compact_queue":
+        queue = Queue(args.get("queue_name", ""), connection=current_app.extensions["redis"])
+        if not queue.connection.exists(queue.key):
+            return jsonify(status="OK")  # nothing to compact (RQ would fail renaming a missing key)
     return None
+
+
+def _page_numbers_ok(args: dict) -> bool:
+    values = [str(args.get(name, "")) for name in ("per_page", "page")]
+    return all(v.isascii() and v.isdecimal() and 0 < int(v) <= MAX_PAGE_NUMBER for v in values)
 
 
 def csrf_cookie(response: Response) -> Response:
@@ -70,10 +94,27 @@ def csrf_cookie(response: Response) -> Response:
             generate_csrf(),
             path=PREFIX,
             samesite="Strict",
-            secure=current_app.config["SESSION_COOKIE_SECURE"],
+            secure=cookie_secure(),
             httponly=False,  # its script reads it; it is the same token our forms carry in the page
         )
     return response
+
+
+def _dashboard_error(status: int, message: str) -> Response:
+    """Answer a dashboard request the dashboard cannot serve, as JSON (its script, scripts) or a page."""
+    if _wants_json():
+        response = jsonify({"error": {"code": CODES[status], "message": message, "details": None}})
+        response.status_code = status
+        return response
+    return error_response(status, message)
+
+
+def _no_such_job(_exc):
+    return _dashboard_error(404, "There is no such job: it finished and expired, or was deleted.")
+
+
+def _invalid_job_operation(exc):
+    return _dashboard_error(409, f"That cannot be done to this job now: {exc}")
 
 
 class JSONWorker(Worker):
@@ -101,5 +142,9 @@ def init_app(app: Flask) -> None:
     dashboard.requeue_job = functools.partial(requeue_job, serializer=JSONSerializer)
     app.before_request(guard)
     app.after_request(csrf_cookie)
+    # Its views let these out as 500s (an unknown or expired job id, requeueing a job that has not
+    # failed): the caller's mistakes, not ours. Only RQ raises them; our services catch their own.
+    app.register_error_handler(NoSuchJobError, _no_such_job)
+    app.register_error_handler(InvalidJobOperation, _invalid_job_operation)
     app.register_blueprint(rq_dashboard.blueprint, url_prefix=PREFIX)
     setup_rq_connection(app)

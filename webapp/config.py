@@ -68,20 +68,25 @@ class Config:
     # addresses and https are read from X-Forwarded-*; 0 trusts no such header.
     TRUSTED_PROXIES = 0
 
-    # Flask-Limiter reads RATELIMIT_*; a Redis outage must not turn logins into errors.
+    # Rate limits (webapp/ratelimits.py), counted in Redis; false turns every one of them off.
     RATELIMIT_ENABLED = True
-    RATELIMIT_SWALLOW_ERRORS = True
-    RATELIMIT_HEADERS_ENABLED = True
     # Failed sign-ins allowed per account name and per client address (limits syntax:
     # "5/minute;20/hour"); once over, that name or address waits, right password or not.
     LOGIN_LIMIT_PER_ACCOUNT = "5/minute;20/hour"
     LOGIN_LIMIT_PER_ADDRESS = "20/minute;100/hour"
+    # Submissions (and retries) per user, pages and API together; empty means no limit.
+    SUBMIT_LIMIT = "60/minute"
+    # Unfinished (PENDING or PROCESSING) tasks a user may have at once; 0 means no limit.
+    MAX_TASKS_IN_FLIGHT = 100
     # Tasks per page on the History page.
     HISTORY_PAGE_SIZE = 20
     SESSION_COOKIE_HTTPONLY = True
     SESSION_COOKIE_SAMESITE = "Lax"
-    # True behind HTTPS (the Docker image sets it); plain-http `make run` needs it off.
+    # Cookies are Secure whenever the request came over HTTPS (directly, or through a trusted
+    # proxy's X-Forwarded-Proto: see TRUSTED_PROXIES); True makes them Secure always.
     SESSION_COOKIE_SECURE = False
+    # Strict-Transport-Security max-age sent on HTTPS responses; 0 sends none.
+    HSTS_SECONDS = 31_536_000
     REMEMBER_COOKIE_HTTPONLY = True
     REMEMBER_COOKIE_SAMESITE = "Lax"
     # CSRF tokens last as long as the session, so a page left open still submits.
@@ -143,22 +148,22 @@ def redis_url(url: str | None, instance: Path) -> str:
     return url or f"unix://{instance / 'valkey.sock'}"
 
 
-def limiter_storage(url: str) -> str:
-    """Return Flask-Limiter's storage URI for the app's Redis URL."""
-    if url.startswith("unix://"):
-        return "redis+unix://" + url[len("unix://") :]
-    return url
+# Sessions and CSRF tokens are signed with it: a guessable key lets anyone sign in as anyone.
+SECRET_KEY_MIN = 32
+SECRET_KEY_ADVICE = (
+    f"Set it to a random string of at least {SECRET_KEY_MIN} characters, for example the output of "
+    "`python -c 'import secrets; print(secrets.token_hex(32))'`."
+)
 
 
 def secret_key(configured: str | None, app_env: str, instance: Path) -> str:
     """Return the secret key; outside production keep a generated one under instance/."""
     if configured:
+        if app_env == "production" and len(configured) < SECRET_KEY_MIN:
+            raise RuntimeError(f"SECRET_KEY is too short ({len(configured)} characters). {SECRET_KEY_ADVICE}")
         return configured
     if app_env == "production":
-        raise RuntimeError(
-            "SECRET_KEY is not set. Set it to a long random string, for example the output of "
-            "`python -c 'import secrets; print(secrets.token_hex(32))'`."
-        )
+        raise RuntimeError(f"SECRET_KEY is not set. {SECRET_KEY_ADVICE}")
     path = instance / "secret_key"
     if not path.exists():
         instance.mkdir(parents=True, exist_ok=True)

@@ -48,3 +48,14 @@ class ForbiddenError(AppError):
 class UnavailableError(AppError):
     status = 503
     code = "unavailable"
+
+
+class RateLimitedError(AppError):
+    """Too many requests: the answer carries Retry-After, in whole seconds."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int, details: dict | None = None):
+        super().__init__(message, details)
+        self.retry_after = max(1, int(retry_after))

@@ -1,7 +1,5 @@
 """Extensions, created unbound here and bound to the app in create_app."""
 
-from flask_limiter import Limiter
-from flask_limiter.util import get_remote_address
 from flask_login import LoginManager
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
@@ -22,5 +20,3 @@ db = SQLAlchemy(metadata=MetaData(naming_convention=NAMING), session_options={"e
 migrate = Migrate(render_as_batch=True, compare_type=True)
 login_manager = LoginManager()
 csrf = CSRFProtect()
-# Limits are declared where they apply; the storage is the app's Redis (see create_app).
-limiter = Limiter(key_func=get_remote_address)

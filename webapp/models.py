@@ -30,6 +30,9 @@ from .extensions import db
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 JsonDoc = JSON().with_variant(JSONB(), "postgresql")
+# Passwords are hashed with scrypt (memory-hard; werkzeug's default, named here so it never changes
+# silently): "scrypt:32768:8:1$salt$hash". Hashes of another method are upgraded at sign-in.
+PASSWORD_METHOD = "scrypt"
 
 
 def utcnow() -> datetime:
@@ -83,10 +86,13 @@ class User(UserMixin, db.Model):
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", cascade="all, delete-orphan")
 
     def set_password(self, password: str) -> None:
-        self.password_hash = generate_password_hash(password)
+        self.password_hash = generate_password_hash(password, method=PASSWORD_METHOD)
 
     def check_password(self, password: str) -> bool:
         return check_password_hash(self.password_hash, password)
+
+    def password_needs_rehash(self) -> bool:
+        return not self.password_hash.startswith(PASSWORD_METHOD + ":")
 
     def __repr__(self) -> str:
         return f"<User {self.id} {self.username}>"

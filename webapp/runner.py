@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
+from .config import ROOT
+
 log = logging.getLogger("runner")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -76,6 +78,8 @@ def run_all(app: Flask) -> int:
         "-m",
         "gunicorn",
         "wsgi:app",
+        "--config",
+        str(ROOT / "gunicorn.conf.py"),
         "--bind",
         f"127.0.0.1:{port}",
         "--workers",

@@ -57,9 +57,14 @@ class TaskPath(BaseModel):
 
 
 class TaskQuery(BaseModel):
+    # A misspelt parameter (?statuss=FAILED) is an error, not a silently unfiltered list.
+    model_config = ConfigDict(extra="forbid")
+
     status: Status | None = None
     limit: int = Field(20, ge=1, le=100)
-    cursor: str | None = Field(None, max_length=200, description="next_cursor from the previous page.")
+    cursor: str | None = Field(
+        None, max_length=200, pattern=r"^[A-Za-z0-9_-]+$", description="next_cursor from the previous page."
+    )
 
 
 class Usage(BaseModel):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 import secrets
 from datetime import timedelta
+from functools import cache
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import joinedload
+from werkzeug.security import check_password_hash, generate_password_hash
 
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..extensions import db
-from ..models import ApiToken, User, utcnow
+from ..models import PASSWORD_METHOD, ApiToken, User, utcnow
 
 USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PASSWORD_MIN = 8
@@ -31,7 +34,7 @@ def validate_password(password: str) -> None:
 
 def create_user(username: str, password: str, is_admin: bool = False) -> User:
     """Create a user; raise ValidationError for a bad name or password, ConflictError if taken."""
-    if not USERNAME.match(username or ""):
+    if not USERNAME.fullmatch(username or ""):
         raise ValidationError(
             "A username is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
             {"username": "invalid"},
@@ -48,15 +51,29 @@ def create_user(username: str, password: str, is_admin: bool = False) -> User:
 
 def find_user(username: str) -> User | None:
     """Return the user with this name, ignoring case."""
+    if not USERNAME.fullmatch(username or ""):
+        return None  # no user has such a name (and PostgreSQL refuses NUL characters in a query)
     return db.session.scalar(select(User).where(func.lower(User.username) == username.lower()))
 
 
 def authenticate(username: str, password: str) -> User | None:
     """Return the active user with these credentials, or None."""
     user = find_user(username)
-    if user is None or not user.is_active or not user.check_password(password):
+    if user is None:
+        # Hash anyway, so the answer takes as long as for a real name: timing tells no names.
+        check_password_hash(_dummy_hash(), password)
         return None
+    if not user.check_password(password) or not user.is_active:
+        return None
+    if user.password_needs_rehash():
+        user.set_password(password)  # hashed by an older method: bring it up to date while we have it
+        db.session.commit()
     return user
+
+
+@cache
+def _dummy_hash() -> str:
+    return generate_password_hash(secrets.token_urlsafe(16), method=PASSWORD_METHOD)
 
 
 def ensure_first_admin() -> str | None:
@@ -75,8 +92,8 @@ def _hash(token: str) -> str:
 def create_token(user: User, name: str) -> tuple[ApiToken, str]:
     """Create an API token for `user`; return the row and the token, which is never stored."""
     name = (name or "").strip()
-    if not name or len(name) > 100:
-        raise ValidationError("Give the token a name of 1-100 characters.", {"name": "1-100 characters"})
+    if not name or len(name) > 100 or not name.isprintable():
+        raise ValidationError("Give the token a name of 1-100 printable characters.", {"name": "1-100 characters"})
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)  # 256 bits
     row = ApiToken(user_id=user.id, name=name, prefix=token[: len(TOKEN_PREFIX) + 6], token_hash=_hash(token))
     db.session.add(row)
@@ -87,15 +104,17 @@ def create_token(user: User, name: str) -> tuple[ApiToken, str]:
 def user_for_token(token: str) -> User | None:
     """Return the active user owning an unrevoked token, or None.
 
-    Tokens carry 256 random bits, so a SHA-256 lookup is safe: the index compares digests,
-    and nothing about the token can be learned from its timing.
+    Tokens carry 256 random bits and only their SHA-256 is stored, so a leaked table gives no
+    token away. The lookup compares digests: its timing can tell an attacker about the digest of
+    their guess, never about a real token; the final comparison is constant-time all the same.
     """
-    if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+    if not token.startswith(TOKEN_PREFIX) or len(token) > 200 or not token.isascii():
         return None
-    row = db.session.scalar(
-        select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.token_hash == _hash(token))
-    )
-    if row is None or row.revoked_at is not None or not row.user.is_active:
+    digest = _hash(token)
+    row = db.session.scalar(select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.token_hash == digest))
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
+        return None
+    if row.revoked_at is not None or not row.user.is_active:
         return None
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at > TOKEN_TOUCH_INTERVAL:

@@ -23,7 +23,7 @@ from ..extensions import db
 from ..models import FINISHED, UNFINISHED, Task, TaskStatus, User, utcnow
 from ..queues import enqueue_task, new_job_id, redis
 from . import accounts, stats
-from .tasks import _drop_job, job_timeout
+from .tasks import _drop_job, job_timeout, text_problem
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ ACTIONS = {
     "delete": (tuple(TaskStatus.__members__), "deleted"),
 }
 BATCH = 500
+# A century: older than that matches every task, and larger values overflow a date.
+MAX_AGE_HOURS = 24 * 365 * 100
 
 
 @dataclass(frozen=True)
@@ -53,16 +55,18 @@ class TaskFilter:
         if status and status not in TaskStatus.__members__:
             errors["status"] = f"Choose one of {', '.join(TaskStatus.__members__)}."
         model = (form.get("model") or "").strip() or None
+        if model and (len(model) > 100 or text_problem(model)):
+            errors["model"] = "Enter a model name of at most 100 characters."
         username = (form.get("username") or "").strip() or None
         older = (form.get("older_than_hours") or "").strip()
         hours = None
         if older:
             try:
                 hours = float(older)
-                if hours < 0 or hours != hours:
+                if not 0 <= hours <= MAX_AGE_HOURS:  # also refuses nan and inf
                     raise ValueError
             except ValueError:
-                errors["older_than_hours"] = "Enter a number of hours, 0 or more."
+                errors["older_than_hours"] = f"Enter a number of hours from 0 to {MAX_AGE_HOURS:,}."
         if username and accounts.find_user(username) is None:
             errors["username"] = f"No user named {username!r}."
         if errors:

@@ -14,21 +14,30 @@ from flask import current_app
 from redis.exceptions import RedisError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from .. import metrics
 from ..catalog import ModelSpec, catalog
-from ..errors import ConflictError, TaskNotFoundError, ValidationError
+from ..errors import ConflictError, RateLimitedError, TaskNotFoundError, ValidationError
 from ..extensions import db
 from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
 from ..queues import enqueue_task, new_job_id, redis
+from ..ratelimits import limits
 
 log = logging.getLogger(__name__)
 
 SYSTEM_MAX_CHARS = 8_000
 LIST_MAX = 100
 SEARCH_MAX_CHARS = 200
+# Retry-After for a user at MAX_TASKS_IN_FLIGHT: tasks usually finish within seconds.
+IN_FLIGHT_RETRY_AFTER = 10
+# A user's unfinished tasks, counted through the (user_id, status, id) index and never past the
+# cap. Every submission runs it: a plain statement costs half what the ORM select does.
+IN_FLIGHT = text(
+    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE user_id = :user_id AND status IN :statuses LIMIT :cap)"
+    " AS unfinished"
+).bindparams(bindparam("statuses", expanding=True))
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,8 @@ def submit(user: User, submission: Submission, idempotency_key: str | None = Non
     if idempotency_key:
         existing = _replay(user, idempotency_key, fingerprint)
         if existing is not None:
-            return existing, False
+            return existing, False  # a replay is free: it runs nothing
+    check_limits(user)
 
     task = Task(
         user_id=user.id,
@@ -162,6 +172,33 @@ def submit(user: User, submission: Submission, idempotency_key: str | None = Non
     _enqueue(task)
     metrics.submitted(task.model)
     return task, True
+
+
+def check_limits(user: User) -> None:
+    """Refuse new work over the user's limits (RateLimitedError): tasks in flight, then submissions per minute.
+
+    The in-flight count is a soft cap: two submissions racing at the cap can both pass.
+    """
+    config = current_app.config
+    if not config["RATELIMIT_ENABLED"]:
+        return
+    cap = config["MAX_TASKS_IN_FLIGHT"]
+    if cap > 0:
+        counted = db.session.execute(IN_FLIGHT, {"user_id": user.id, "statuses": list(UNFINISHED), "cap": cap})
+        if counted.scalar_one() >= cap:
+            raise RateLimitedError(
+                f"You have {cap:,} unfinished tasks, the most allowed at once. "
+                "Wait for some to finish (or cancel some), then submit again.",
+                IN_FLIGHT_RETRY_AFTER,
+                {"tasks_in_flight": cap, "limit": cap},
+            )
+    wait = limits().hit("SUBMIT_LIMIT", str(user.id))
+    if wait:
+        raise RateLimitedError(
+            f"Too many submissions (the limit is {config['SUBMIT_LIMIT']}). Try again in {wait} seconds.",
+            wait,
+            {"limit": config["SUBMIT_LIMIT"], "retry_after": wait},
+        )
 
 
 def _replay(user: User, key: str, fingerprint: str) -> Task | None:
@@ -226,6 +263,8 @@ def _filtered(user: User, status: str | None, model: str | None, search: str | N
     if status:
         query = query.where(Task.status == status)
     if model:
+        if len(model) > 100 or text_problem(model):
+            raise ValidationError("Choose a model from the list.", {"model": "not a model name"})
         query = query.where(Task.model == model)
     if search:
         if len(search) > SEARCH_MAX_CHARS or text_problem(search):
@@ -347,8 +386,10 @@ def _drop_job(job_id: str | None) -> None:
 
 
 def retry(user: User, task_id: int) -> Task:
-    """Run a FAILED or CANCELLED task again, with a fresh set of attempts."""
+    """Run a FAILED or CANCELLED task again, with a fresh set of attempts (a submission for the limits)."""
     task = get_task(user, task_id)
+    if task.status in (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value):
+        check_limits(user)
     result = db.session.execute(
         update(Task)
         .where(Task.id == task.id, Task.status.in_((TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import current_app, g, jsonify, request, url_for
 from flask_openapi3 import APIBlueprint, Tag
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import __version__
 from ..auth import api_user
@@ -22,6 +23,7 @@ from ..schemas import (
 )
 from ..services import health as health_service
 from ..services import tasks as service
+from ..services.accounts import TOKEN_PREFIX
 
 tasks_tag = Tag(name="tasks", description="Submit prompts and follow their answers")
 meta_tag = Tag(name="meta", description="Models and health")
@@ -30,6 +32,8 @@ BEARER = [{"bearer": []}]
 COMMON = {401: ErrorEnvelope, 422: ErrorEnvelope, 429: ErrorEnvelope, 503: ErrorEnvelope}
 BODY_ERRORS = {400: ErrorEnvelope, 413: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope}
 PUBLIC_ENDPOINTS = {"api.health", "api.openapi"}
+# Query parameters other APIs read tokens from; ours never does, and says so.
+CREDENTIAL_PARAMETERS = {"access_token", "token", "api_key", "apikey", "api-key", "key", "auth", "authorization"}
 
 
 def _operation_id(*, name: str, path: str, method: str) -> str:
@@ -44,9 +48,18 @@ def check_request():
     """Refuse oversized bodies and unknown callers before anything touches the database."""
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     if request.content_length is not None and request.content_length > limit:
-        from werkzeug.exceptions import RequestEntityTooLarge
-
         raise RequestEntityTooLarge()
+    # A chunked body has no length to check: read it now, so an oversized one is refused before
+    # the token lookup. werkzeug stops reading at the limit without a word (the truncated body
+    # could even parse), so reaching the limit is the refusal.
+    chunked = request.content_length is None and request.method in ("POST", "PUT", "PATCH")
+    if chunked and len(request.get_data(cache=True)) >= limit:
+        raise RequestEntityTooLarge()
+    if _credentials_in_url():
+        raise AuthError(
+            "API tokens are never accepted in the URL, where they end up in logs and browser history: "
+            "send it as 'Authorization: Bearer <token>'. If that was a real token, revoke it on the Tokens page."
+        )
     if request.endpoint in PUBLIC_ENDPOINTS:
         return None
     user = api_user()
@@ -59,6 +72,14 @@ def check_request():
     if request.method == "POST" and request.endpoint == "api.create_task":
         _require_json_object()
     return None
+
+
+def _credentials_in_url() -> bool:
+    """Whether the query string carries something that looks like a credential."""
+    return any(
+        name.lower() in CREDENTIAL_PARAMETERS or value.startswith(TOKEN_PREFIX)
+        for name, value in request.args.items(multi=True)
+    )
 
 
 def _require_json_object() -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 from flask import Flask, jsonify, make_response, render_template, request
 from sqlalchemy.exc import DBAPIError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from ..auth import user_or_anonymous
-from ..errors import AppError
+from ..errors import AppError, RateLimitedError
 from ..extensions import db
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,29 @@ def validation_response(exc):
     return error_response(422, f"The request is not valid: {summary}", details)
 
 
+def database_error_summary(exc: DBAPIError) -> str:
+    """Say what went wrong in the database without the values involved.
+
+    The driver's message carries PostgreSQL's DETAIL ("Failing row contains (…)", "Key (username)=
+    (alice) already exists"), which holds user data: prompts, names, digests. The primary message
+    names the constraint or the problem, and that is what is logged, with the stack.
+    """
+    orig = exc.orig
+    diag = getattr(orig, "diag", None)
+    primary = getattr(diag, "message_primary", None)
+    return f"{type(exc).__name__} ({type(orig).__name__}): {primary or 'no message from the driver'}"
+
+
 def init_app(app: Flask) -> None:
     @app.errorhandler(AppError)
     def app_error(exc: AppError):
         db.session.rollback()
-        return error_response(exc.status, exc.message, exc.details, exc.code)
+        headers = {}
+        if isinstance(exc, RateLimitedError):
+            headers["Retry-After"] = str(exc.retry_after)
+        if exc.status == 401 and wants_json():
+            headers["WWW-Authenticate"] = 'Bearer realm="api"'  # RFC 6750: say which scheme to use
+        return error_response(exc.status, exc.message, exc.details, exc.code, headers=headers)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
@@ -76,7 +95,8 @@ def init_app(app: Flask) -> None:
             return exc.response  # already rendered (request validation aborts with our envelope)
         status = exc.code or 500
         message = MESSAGES.get(status) if exc.description == type(exc).description else exc.description
-        headers = {"Retry-After": exc.retry_after} if getattr(exc, "retry_after", None) else None
+        # Keep what the exception says in headers (Allow on a 405, Retry-After), not its HTML type.
+        headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
         return error_response(status, message or exc.description or exc.name, headers=headers)
 
     @app.errorhandler(OperationalError)
@@ -90,7 +110,13 @@ def init_app(app: Flask) -> None:
                 "The database is unavailable. Nothing was changed; try again in a few seconds.",
                 headers={"Retry-After": "5"},
             )
-        log.exception("database error")
+        log.error(
+            "database error on %s %s: %s\n%s",
+            request.method,
+            request.path,
+            database_error_summary(exc),
+            "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+        )
         return error_response(500, MESSAGES[500])
 
     @app.errorhandler(Exception)

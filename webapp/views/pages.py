@@ -9,28 +9,24 @@ instead of a redirect.
 from __future__ import annotations
 
 import math
-import time
 from datetime import UTC, datetime
 
 from flask import (
     Blueprint,
     current_app,
     flash,
-    g,
     make_response,
     redirect,
     render_template,
     request,
     url_for,
 )
-from flask_limiter import RequestLimit
-from flask_limiter.util import get_remote_address
 from flask_login import current_user, login_required, login_user, logout_user
 from markupsafe import Markup
 
+from .. import ratelimits
 from ..catalog import catalog
-from ..errors import ConflictError, ValidationError
-from ..extensions import limiter
+from ..errors import ConflictError, RateLimitedError, ValidationError
 from ..models import TaskStatus
 from ..rendering import render_markdown
 from ..services import accounts
@@ -45,27 +41,6 @@ STATUS_LABELS = {
     TaskStatus.FAILED.value: "Failed",
     TaskStatus.CANCELLED.value: "Cancelled",
 }
-
-# Scripts only from this site, no inline script or style, no eval, no plugins, no framing; the
-# page talks only to this site. htmx is configured to match (see base.html).
-CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; font-src 'self'; "
-    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
-)
-# rq-dashboard (mounted by the admin area at /admin/rq) relies on inline scripts, which this
-# policy would block; the admin area decides the rules for its pages.
-CSP_EXEMPT_PREFIXES = ("/admin/rq",)
-
-
-@bp.after_app_request
-def security_headers(response):
-    """Send the browser protections with every page (not with static files' own rules)."""
-    if response.mimetype == "text/html" and not request.path.startswith(CSP_EXEMPT_PREFIXES):
-        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
-    return response
 
 
 @bp.after_request
@@ -131,18 +106,21 @@ def _safe_next(target: str | None) -> str:
     return url_for("pages.index")
 
 
+def _client_address() -> str:
+    # With TRUSTED_PROXIES set, ProxyFix has already put the client's address here.
+    return request.remote_addr or "-"
+
+
 def _account_key() -> str:
     return (request.form.get("username") or "").strip().lower()[:100] or "-"
 
 
-def _login_failed(_response) -> bool:
-    """Count only failed attempts against the limits: signing in successfully costs nothing."""
-    return g.get("login_failed", False)
+def _login_keys() -> list[tuple[str, str]]:
+    return [("LOGIN_LIMIT_PER_ADDRESS", _client_address()), ("LOGIN_LIMIT_PER_ACCOUNT", _account_key())]
 
 
-def _too_many_attempts(limit: RequestLimit):
+def _too_many_attempts(wait: int):
     """Answer a throttled sign-in with the form and a plain message (429, Retry-After)."""
-    wait = max(1, math.ceil(limit.reset_at - time.time()))
     when = f"{wait} seconds" if wait < 120 else f"{math.ceil(wait / 60)} minutes"
     error = f"Too many failed sign-ins. Wait {when} and try again."
     response = make_response(render_template("login.html", error=error, username=request.form.get("username", "")))
@@ -151,32 +129,25 @@ def _too_many_attempts(limit: RequestLimit):
     return response
 
 
-def _login_limit(setting: str, key_func, scope: str):
-    return limiter.limit(
-        lambda: current_app.config[setting],
-        key_func=key_func,
-        methods=["POST"],
-        deduct_when=_login_failed,
-        on_breach=_too_many_attempts,
-        scope=scope,
-    )
-
-
 @bp.route("/login", methods=["GET", "POST"])
-@_login_limit("LOGIN_LIMIT_PER_ADDRESS", get_remote_address, "address")
-@_login_limit("LOGIN_LIMIT_PER_ACCOUNT", _account_key, "account")
 def login():
+    """Sign in. Failed attempts count per account name and per address; over either limit, sign-in waits."""
     if current_user.is_authenticated:
         return redirect(url_for("pages.index"))
     error = None
     username = ""
     if request.method == "POST":
+        waits = [ratelimits.limits().wait(setting, key) for setting, key in _login_keys()]
+        if any(waits):
+            return _too_many_attempts(max(w for w in waits if w))
         username = request.form.get("username", "").strip()
         user = accounts.authenticate(username, request.form.get("password", ""))
         if user is not None:
             login_user(user)
             return redirect(_safe_next(request.args.get("next")))
-        g.login_failed = True
+        # Only failures count: signing in successfully costs nothing.
+        for setting, key in _login_keys():
+            ratelimits.limits().hit(setting, key)
         error = "Wrong username or password."
     return render_template("login.html", error=error, username=username)
 
@@ -217,7 +188,7 @@ def _form_float(name: str, errors: dict) -> float | None:
     return value
 
 
-def _render_index(values: dict | None = None, errors: dict | None = None):
+def _render_index(values: dict | None = None, errors: dict | None = None, limited: str | None = None):
     cat = catalog()
     return render_template(
         "index.html",
@@ -225,6 +196,7 @@ def _render_index(values: dict | None = None, errors: dict | None = None):
         default_model=cat.default,
         values=values or {},
         errors=errors or {},
+        limited=limited,
     )
 
 
@@ -259,7 +231,14 @@ def submit():
     if errors:
         # 200, not 422: the form is the answer, and htmx 2 would not swap a 4xx.
         return _render_index(values, errors)
-    task, _ = service.submit(current_user, submission)
+    try:
+        task, _ = service.submit(current_user, submission)
+    except RateLimitedError as exc:
+        # A plain form POST (no htmx): the browser shows the 429's form, everything typed kept.
+        response = make_response(_render_index(values, limited=exc.message))
+        response.status_code = 429
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     return redirect(url_for("pages.task", task_id=task.id), code=303)
 
 
@@ -289,7 +268,7 @@ def _task_action(task_id: int, action, done: str):
     notice = None
     try:
         task = action(current_user, task_id)
-    except ConflictError as exc:
+    except (ConflictError, RateLimitedError) as exc:
         notice = exc.message
         task = service.get_task(current_user, task_id)
     if _is_htmx():
