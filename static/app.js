@@ -19,7 +19,9 @@
     box.after(spoken);
     let timer;
     const update = function () {
-      const used = area.value.length;
+      // Count code points as the server does (length counts UTF-16 units: an emoji is two).
+      let used = 0;
+      for (const _ of area.value) used += 1;
       const over = used - limit;
       text.textContent = over > 0
         ? fmt.format(over) + " characters too many (the limit is " + fmt.format(limit) + ")"
