@@ -97,7 +97,9 @@ class Config:
     LOG_FORMAT = "text"
     LOG_LEVEL = "INFO"
 
-    SQLALCHEMY_ENGINE_OPTIONS: dict = {"pool_pre_ping": True}
+    # pool_size covers a web process's threads (`make run`: 8), so a busy process keeps its
+    # connections instead of opening and closing overflow ones (a PostgreSQL backend each).
+    SQLALCHEMY_ENGINE_OPTIONS: dict = {"pool_pre_ping": True, "pool_size": 10}
 
 
 TRUE = {"1", "true", "yes", "on"}
