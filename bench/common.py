@@ -135,7 +135,13 @@ def timed_posts(port: int, path: str, bodies: list[dict], headers: dict[str, str
 
 def percentiles(values: list[float]) -> dict[str, float]:
     cuts = statistics.quantiles(values, n=100, method="inclusive")
-    return {"p50": statistics.median(values), "p90": cuts[89], "p99": cuts[98], "mean": statistics.fmean(values)}
+    return {
+        "p50": statistics.median(values),
+        "p90": cuts[89],
+        "p95": cuts[94],
+        "p99": cuts[98],
+        "mean": statistics.fmean(values),
+    }
 
 
 def users_with_tokens(count: int, prefix: str = "load") -> list[str]:
