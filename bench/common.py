@@ -169,6 +169,21 @@ def users_with_tokens(count: int, prefix: str = "load") -> list[str]:
     return tokens
 
 
+def server_cpu_seconds(port: int) -> float:
+    """Return the CPU time (user + system) used so far by the processes serving 127.0.0.1:`port`."""
+    needle = f"127.0.0.1:{port}".encode()
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and needle in (proc / "cmdline").read_bytes():
+                fields = (proc / "stat").read_text().rpartition(")")[2].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except OSError:
+            continue
+    return total
+
+
 def require_wrk() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: `make bench` installs it, or apt-get install -y wrk")
@@ -189,8 +204,9 @@ def wrk(
 ) -> dict:
     """Run wrk with bench/load.lua against 127.0.0.1:`port`, rotating `paths` and `tokens`; return its summary.
 
-    The summary has requests, seconds, p50/p90/p95/p99/max_ms, socket_errors, non_2xx and
-    unexpected (answers whose status is not `expect`).
+    The summary has requests, seconds, p50/p90/p95/p99/max_ms, socket_errors, non_2xx,
+    unexpected (answers whose status is not `expect`), rate (per second) and cpu_ms: the server
+    processes' CPU time per request (gunicorn's Python only, not PostgreSQL's or Redis's).
     """
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp:
         paths_file, tokens_file = Path(tmp, "paths"), Path(tmp, "tokens")
@@ -206,6 +222,7 @@ def wrk(
         }
         if body is not None:
             load_env["LOAD_BODY"] = body
+        cpu_before = server_cpu_seconds(port)
         done = subprocess.run(
             [
                 "wrk",
@@ -226,6 +243,8 @@ def wrk(
             text=True,
             check=True,
         )
+        cpu = server_cpu_seconds(port) - cpu_before
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["rate"] = result["requests"] / result["seconds"]
+    result["cpu_ms"] = cpu * 1000 / max(result["requests"], 1)
     return result

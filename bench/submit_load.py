@@ -10,6 +10,10 @@ on the same PostgreSQL and Redis:
 - product: `POST /api/v1/tasks` with a bearer token: token lookup, validation, the catalog,
   both per-user limits, the insert, the enqueue, the JSON envelope.
 
+"CPU ms/req" is the CPU time gunicorn's processes spent per answered request during the passes
+(from /proc; PostgreSQL's and Redis's share is not in it): unlike the throughput it hardly
+depends on what else the shared machine is doing.
+
 The per-user limits stay on and are paid in full: MAX_TASKS_IN_FLIGHT keeps its default (100)
 and the requests rotate over --users users with a token each, so no user comes near it;
 SUBMIT_LIMIT is raised from 60/minute to 1000/minute for the run (a pass sends tens of
@@ -118,14 +122,17 @@ def main() -> None:
         f" and connection count, alternated; gunicorn {GUNICORN['workers']} workers x {GUNICORN['threads']} threads;"
         f" product: {args.users} users, SUBMIT_LIMIT=1000/minute, MAX_TASKS_IN_FLIGHT=100"
     )
-    print(f"{'':40} {'req/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'non-2xx':>8}")
+    print(
+        f"{'':40} {'req/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'non-2xx':>8}"
+        f" {'CPU ms/req':>10}"
+    )
     summary = {}
     for connections in args.connections:
         for side, label in SIDES.items():
             results = runs[(side, connections)]
             s = {
                 "rate": sum(r["requests"] for r in results) / sum(r["seconds"] for r in results),
-                **{k: statistics.fmean(r[k] for r in results) for k in ("p50_ms", "p90_ms", "p99_ms")},
+                **{k: statistics.fmean(r[k] for r in results) for k in ("p50_ms", "p90_ms", "p99_ms", "cpu_ms")},
                 "max_ms": max(r["max_ms"] for r in results),
                 "non_2xx": sum(r["non_2xx"] for r in results),
                 "unexpected": sum(r["unexpected"] for r in results),
@@ -133,14 +140,15 @@ def main() -> None:
             summary[(side, connections)] = s
             print(
                 f"{label + f', {connections} connections':40} {s['rate']:7.0f} {s['p50_ms']:8.2f} {s['p90_ms']:8.2f}"
-                f" {s['p99_ms']:8.2f} {s['max_ms']:8.2f} {s['non_2xx']:8d}"
+                f" {s['p99_ms']:8.2f} {s['max_ms']:8.2f} {s['non_2xx']:8d} {s['cpu_ms']:10.2f}"
             )
     for connections in args.connections:
         base, product = summary[("baseline", connections)], summary[("product", connections)]
         print(
             f"{connections} connections: throughput product/baseline {product['rate'] / base['rate']:.2f},"
             f" latency baseline/product p50 {base['p50_ms'] / product['p50_ms']:.2f}"
-            f" p99 {base['p99_ms'] / product['p99_ms']:.2f}   (1.0 = as fast as the bare insert+enqueue)"
+            f" p99 {base['p99_ms'] / product['p99_ms']:.2f}; server CPU per request product/baseline"
+            f" {product['cpu_ms'] / base['cpu_ms']:.2f}   (1.0 = as fast as the bare insert+enqueue)"
         )
     unexpected = sum(s["unexpected"] for s in summary.values())
     print(f"answers other than 202: {unexpected}")
