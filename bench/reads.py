@@ -42,9 +42,7 @@ DEEP = 4_000
 
 def prepare(n_tasks: int, keep: bool) -> tuple[str, list[int], str, list[int]]:
     """Seed (or reuse) the tasks; return user1's token, poll ids, a deep cursor, and baseline row ids."""
-    from sqlalchemy import create_engine
-
-    from bench.baseline_app import PollRow
+    from bench.baseline_app import create_tables
     from webapp.services.tasks import encode_cursor
 
     if keep and task_count() == n_tasks:
@@ -53,9 +51,7 @@ def prepare(n_tasks: int, keep: bool) -> tuple[str, list[int], str, list[int]]:
     else:
         reset_database()
         print(f"seeded {n_tasks:,} tasks in {seed(n_tasks):.1f} s (INSERT ... SELECT generate_series + VACUUM)")
-    engine = create_engine(DATABASE_URL.replace("postgresql://", "postgresql+psycopg2://", 1))
-    PollRow.__table__.create(engine, checkfirst=True)
-    engine.dispose()
+    create_tables(DATABASE_URL)
     token = "atr_" + secrets.token_urlsafe(32)
     conn = psycopg2.connect(DATABASE_URL)
     with conn, conn.cursor() as cur:

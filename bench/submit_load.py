@@ -34,8 +34,8 @@ import time
 import psycopg2
 from redis import Redis
 from rq import Queue
-from sqlalchemy import create_engine
 
+from bench.baseline_app import create_tables
 from bench.common import DATABASE_URL, REDIS_URL, gunicorn, require_wrk, reset_database, users_with_tokens, wrk
 
 GUNICORN = {"workers": 2, "threads": 8}
@@ -43,15 +43,6 @@ PRODUCT_ENV = {"RATELIMIT_ENABLED": "true", "SUBMIT_LIMIT": "1000/minute"}
 BODY = json.dumps({"prompt": "What is the capital of France?"})
 QUEUES = ("high", "default", "low", "baseline")
 SIDES = {"baseline": "baseline: insert + enqueue", "product": "POST /api/v1/tasks"}
-
-
-def create_baseline_table() -> None:
-    """Create the baseline's table before its server starts (two workers would race to)."""
-    from bench.baseline_app import Row
-
-    engine = create_engine(DATABASE_URL.replace("postgresql://", "postgresql+psycopg2://", 1))
-    Row.__table__.create(engine, checkfirst=True)
-    engine.dispose()
 
 
 def purge() -> None:
@@ -82,7 +73,7 @@ def main() -> None:
     require_wrk()
 
     reset_database()
-    create_baseline_table()
+    create_tables(DATABASE_URL)
     tokens = users_with_tokens(args.users)
     runs: dict[tuple[str, int], list[dict]] = {}
     with (
