@@ -161,11 +161,15 @@ def local_model() -> tuple[dict, dict, int]:
         wait_for(healthy, "the local model", 120)
         settle()
         loaded = measure(server.pid)
-        body = {"model": "local", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        body = {
+            "model": "local",
+            "max_tokens": 32,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        }
         request = urllib.request.Request(
             f"{base}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=60) as answer:
+        with urllib.request.urlopen(request, timeout=120) as answer:
             answer.read()
         settle()
         return loaded, measure(server.pid), model_path().stat().st_size
