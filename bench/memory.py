@@ -4,7 +4,8 @@
 
 Reads RSS and PSS (kB, /proc/<pid>/smaps_rollup) of each process and its children:
 
-- baseline: `python -c "import rq"` left sleeping, and a bare `rq worker` on its own queue, at
+- baseline: `python -c "import rq"` left sleeping, and a bare `rq worker --with-scheduler` (RQ forks
+  its scheduler into a second process, as our worker does) on its own queue, at
   rest and after it ran --tasks trivial jobs (RQ's default fork-per-job, like ours);
 - `flask --app wsgi worker` after start-up (registered with RQ, idle), and after it ran
   --tasks tasks end to end (submitted through the API, answered by the fake provider
@@ -100,7 +101,7 @@ def registered(redis: Redis, count: int) -> bool:
 
 def bare_worker(redis: Redis, tasks: int) -> tuple[dict, dict]:
     rq = str(Path(sys.executable).parent / "rq")
-    worker = start([rq, "worker", "--url", REDIS_URL, "bare"])
+    worker = start([rq, "worker", "--with-scheduler", "--url", REDIS_URL, "bare"])
     try:
         wait_for(lambda: registered(redis, 1), "the bare RQ worker")
         settle()
