@@ -1,12 +1,12 @@
-# `make run` serves everything on this machine; `make test` runs the whole suite.
-# Both set up .venv on first use (Python 3.11+).
+# `make run` serves everything on this machine; `make test` runs the whole suite;
+# `make bench` runs the benchmarks (README "Performance"). All set up .venv on first use (Python 3.11+).
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test test-faults lint install install-dev browser clean
+.PHONY: run test test-faults bench wrk lint install install-dev browser clean
 
 $(VENV)/.runtime: requirements.txt requirements-model.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -36,6 +36,24 @@ test: install-dev browser
 # The fault suite (README "Reliability"): kills workers, Redis and PostgreSQL; ~15 minutes.
 test-faults: install-dev
 	$(PY) -m pytest -m faults tests/faults -p no:cacheprovider
+
+# Benchmarks (README "Performance"), one after another, ~10 minutes. They use the database
+# BENCH_DATABASE_URL (default postgresql://root@127.0.0.1:5432/atr_bench, emptied and reseeded)
+# and Redis BENCH_REDIS_URL (default db 13, flushed). A benchmark whose module is not in this
+# checkout is skipped with a message.
+BENCHES := submit_load in_flight overhead reads memory
+
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; }
+
+bench: install-dev wrk
+	@for name in $(BENCHES); do \
+		if [ -f bench/$$name.py ]; then \
+			echo "== $(PY) -m bench.$$name"; $(PY) -m bench.$$name || exit 1; \
+		else \
+			echo "== bench.$$name: skipped (bench/$$name.py is not in this checkout)"; \
+		fi; \
+	done
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

@@ -40,6 +40,15 @@ class PollRow(db.Model):
     result: Mapped[str]
 
 
+def create_tables(database_url: str) -> None:
+    """Create the baseline's tables before a server with several workers starts (they would race to)."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    db.metadata.create_all(engine)
+    engine.dispose()
+
+
 def create_app() -> Flask:
     app = Flask(__name__)
     url = os.environ["DATABASE_URL"].replace("postgresql://", "postgresql+psycopg2://", 1)

@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from urllib.parse import urlencode
 
 import psycopg2
-from sqlalchemy import create_engine
 
 from bench.common import DATABASE_URL, ROOT, gunicorn, reset_database, user_token
 
@@ -81,11 +80,9 @@ def running_tasks(token: str, port: int, count: int) -> list[int]:
 
 def baseline_rows(count: int) -> list[int]:
     """Create the baseline's table (before its server starts: two workers would race) and fill it."""
-    from bench.baseline_app import PollRow
+    from bench.baseline_app import create_tables
 
-    engine = create_engine(DATABASE_URL.replace("postgresql://", "postgresql+psycopg2://", 1))
-    PollRow.__table__.create(engine, checkfirst=True)
-    engine.dispose()
+    create_tables(DATABASE_URL)
     with psycopg2.connect(DATABASE_URL) as db, db.cursor() as cur:
         cur.execute(
             "INSERT INTO baseline_poll_rows (status, progress, result)"

@@ -10,7 +10,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as cfg
 from . import ratelimits, security
-from .extensions import csrf, db, login_manager, migrate
+from .extensions import csrf, db, login_manager, migrate, ping_after_idle
 from .logs import setup_logging
 from .schemas import PROMPT_CEILING, ErrorEnvelope
 
@@ -61,7 +61,14 @@ def create_app(overrides: dict | None = None) -> App:
         hops = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
 
+    idle = app.config["DATABASE_PING_AFTER_IDLE"]
+    if idle <= 0:
+        options["pool_pre_ping"] = True
+
     db.init_app(app)
+    if idle > 0:
+        with app.app_context():
+            ping_after_idle(db.engine, idle)
     migrate.init_app(app, db, directory=str(cfg.ROOT / "migrations"))
     login_manager.init_app(app)
     csrf.init_app(app)

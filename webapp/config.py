@@ -97,7 +97,12 @@ class Config:
     LOG_FORMAT = "text"
     LOG_LEVEL = "INFO"
 
-    SQLALCHEMY_ENGINE_OPTIONS: dict = {"pool_pre_ping": True}
+    # pool_size covers a web process's threads (`make run`: 8), so a busy process keeps its
+    # connections instead of opening and closing overflow ones (a PostgreSQL backend each).
+    SQLALCHEMY_ENGINE_OPTIONS: dict = {"pool_size": 10}
+    # A pooled connection idle this long is checked with a round trip before use (a restart or
+    # an idle timeout may have cut it); one used more recently is not. 0 checks every time.
+    DATABASE_PING_AFTER_IDLE = 1.0
 
 
 TRUE = {"1", "true", "yes", "on"}
