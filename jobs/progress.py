@@ -1,9 +1,10 @@
-"""The worker's writes to a task: the atomic claim, progress, the lease, and fenced final writes.
+"""The worker's writes to a task: the atomic claim, deferral, hand-back and fenced final writes.
 
-Every write after the claim is fenced by the attempt number and status PROCESSING, so a worker
+(The text so far, progress and lease renewals of running attempts are written in batches by
+`jobs/tracker.py`.) Every write after the claim is fenced by the attempt number and status PROCESSING, so a worker
 whose task was cancelled, deleted or taken back by the sweeper changes nothing. `release`
-hands a claimed task back when only its job id is known (a dead work-horse, a worker that
-shuts down), fenced by that job id instead.
+hands a claimed task back when only its job id is known (a worker thread that died, a worker
+that shuts down), fenced by that job id instead.
 
 The database may blink: `with_database` retries a write while the connection is being
 re-established, so a restart of PostgreSQL delays work instead of failing it.
@@ -12,16 +13,15 @@ re-established, so a restart of PostgreSQL delays work instead of failing it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from flask import Flask, current_app
+from flask import current_app
 from redis.exceptions import RedisError
-from sqlalchemy import case, literal, select, update
+from sqlalchemy import case, func, literal, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from webapp.extensions import db
@@ -141,13 +141,24 @@ def claimed_by(task_id: int, job_id: str) -> Claim | None:
     return Claim(task_id, row.attempts, row.max_attempts, row.prompt, row.model, row.priority, row.params or {})
 
 
-def pending_task(task_id: int) -> tuple[str, int] | None:
-    """Return (model, priority) of a PENDING task, or None when it is not PENDING (or gone)."""
+class Pending(NamedTuple):
+    """What a job needs to know about its PENDING task before claiming it."""
+
+    model: str
+    priority: int
+    prompt_chars: int
+    params: dict
+
+
+def pending_task(task_id: int) -> Pending | None:
+    """Return a PENDING task's model, priority and size, or None when it is not PENDING (or gone)."""
     row = db.session.execute(
-        select(Task.model, Task.priority).where(Task.id == task_id, Task.status == TaskStatus.PENDING.value)
+        select(Task.model, Task.priority, func.length(Task.prompt), Task.params).where(
+            Task.id == task_id, Task.status == TaskStatus.PENDING.value
+        )
     ).first()
     db.session.commit()
-    return (row.model, row.priority) if row else None
+    return Pending(row[0], row[1], row[2] or 0, row[3] or {}) if row else None
 
 
 def reclaim(claim: Claim) -> Claim | None:
@@ -184,16 +195,6 @@ def defer(task_id: int, job_id: str | None, priority: int, model: str, delay: fl
     except RedisError:
         log.warning("task %s: deferred but not enqueued (Redis unavailable); the sweeper will", task_id)
     return new_job
-
-
-def report(claim: Claim, text: str, progress: int) -> bool:
-    """Save the text so far and renew the lease; False means the task is no longer ours."""
-    return _write(_fenced(claim).values(result=text, progress=min(progress, 99), lease_expires_at=_lease(utcnow())))
-
-
-def renew(claim: Claim) -> bool:
-    """Renew the lease only; False means the task is no longer ours."""
-    return _write(_fenced(claim).values(lease_expires_at=_lease(utcnow())))
 
 
 def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_tokens: int | None) -> bool:
@@ -251,8 +252,8 @@ def hand_back(claim: Claim, kind: str, message: str, delay: float, job_id: str |
 def release(task_id: int, job_id: str, kind: str, message: str, refund: bool) -> str | None:
     """Hand back a task that job `job_id` claimed, knowing only the ids; enqueue its next run.
 
-    For whoever outlives an attempt: RQ's parent process after its work-horse died, a worker
-    that shuts down with tasks still running in threads. With `refund` the attempt is given
+    For whoever outlives an attempt: the worker after one of its threads died, or when it
+    shuts down with tasks still running in threads. With `refund` the attempt is given
     back; without, a task with no attempts left is FAILED (a task that keeps killing its
     workers must end). Returns the new status, or None when the job no longer held the task.
     """
@@ -311,44 +312,3 @@ def release(task_id: int, job_id: str, kind: str, message: str, refund: bool) ->
         except RedisError:
             log.warning("task %s handed back but not enqueued (Redis unavailable); the sweeper will", task_id)
     return row.status
-
-
-class LeaseKeeper:
-    """Renews the lease of a claimed task in a background thread while the job works.
-
-    The stream may be silent for a while (a slow first token), so the lease must not depend on
-    chunks arriving. If a renewal finds the task is no longer ours, `lost` is set; the job checks
-    it at every chunk.
-    """
-
-    def __init__(self, app: Flask, claim: Claim):
-        self.app = app
-        # The job replaces it when it starts another attempt in place (see `reclaim`).
-        self.claim = claim
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{claim.task_id}", daemon=True)
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        interval = self.app.config["LEASE_SECONDS"] / 3
-        with self.app.app_context():
-            while not self._stop.wait(interval):
-                try:
-                    still_ours = renew(self.claim)
-                except Exception:  # a database blip: the lease has room for a few misses
-                    log.warning("task %s: lease renewal failed", self.claim.task_id, exc_info=True)
-                    db.session.rollback()
-                    continue
-                finally:
-                    db.session.remove()
-                if not still_ours:
-                    self.lost.set()
-                    return

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx2
 import openai
 
 from webapp.catalog import ModelSpec
@@ -36,10 +37,12 @@ class Usage:
     completion_tokens: int | None = None
 
 
-# SDK clients by (base URL, key, read timeout), one per process. Making one costs ~30 ms of CPU
-# (it builds a TLS context), more than a short answer: the RQ worker makes them before it forks
-# (`warm_clients`), so every work-horse starts with them. They hold no connection until used.
+# SDK clients by (base URL, key, read timeout), one per process, shared by all its threads (an
+# httpx client is thread-safe). Making one costs ~30 ms of CPU (it builds a TLS context), more
+# than a short answer: the worker makes them at start (`warm_clients`). Each holds a connection
+# pool as large as the worker's concurrency, so no call waits for a connection.
 _clients: dict[tuple[str, str, float], openai.OpenAI] = {}
+_pool_size = 100
 
 
 def _client(spec: ModelSpec) -> openai.OpenAI:
@@ -53,12 +56,17 @@ def _client(spec: ModelSpec) -> openai.OpenAI:
             max_retries=0,
             # `read` bounds the silence between two chunks; the whole answer is bounded by the deadline.
             timeout=openai.Timeout(spec.read_timeout, connect=CONNECT_TIMEOUT),
+            http_client=openai.DefaultHttpxClient(
+                limits=httpx2.Limits(max_connections=_pool_size, max_keepalive_connections=_pool_size)
+            ),
         )
     return client
 
 
-def warm_clients(specs) -> None:
-    """Make the SDK clients of these models now (before forking work-horses)."""
+def warm_clients(specs, pool_size: int) -> None:
+    """Make the SDK clients of these models now, each with `pool_size` connections at most."""
+    global _pool_size
+    _pool_size = max(pool_size, 1)
     for spec in specs:
         _client(spec)
 

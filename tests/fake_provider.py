@@ -16,7 +16,8 @@ when the steps run out the default answer comes back. A step is a dict:
 A prompt may also carry its default behaviour itself, for tests that run the provider in
 another process: a first line `#fake {"chunks": 20, "delay": 0.1}` (chunks may be a count).
 Every call is recorded in `calls`; `GET /_calls` answers {prompt: number of calls} (for tests
-that run it in another process). Run it alone with `python -m tests.fake_provider PORT` (0 picks
+that run it in another process). `max_in_flight` (and `GET /_in_flight`) is the most calls it
+answered at once, per model. Run it alone with `python -m tests.fake_provider PORT` (0 picks
 a free port; the first line printed is its URL).
 """
 
@@ -51,9 +52,11 @@ class FakeProvider:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.scripts: dict[str, deque] = defaultdict(deque)
         self.calls: list[Call] = []
+        # Streams being answered now, and the most at once, per upstream model name.
+        self.in_flight: dict[str, int] = defaultdict(int)
+        self.max_in_flight: dict[str, int] = defaultdict(int)
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer((host, port), _handler(self))
-        self.server.daemon_threads = True
+        self.server = _Server((host, port), _handler(self))
         self.thread = threading.Thread(target=self.server.serve_forever, name="fake-provider", daemon=True)
 
     @property
@@ -77,6 +80,13 @@ class FakeProvider:
         with self.lock:
             self.scripts.clear()
             self.calls.clear()
+            self.in_flight.clear()
+            self.max_in_flight.clear()
+
+    def _streaming(self, model: str, delta: int) -> None:
+        with self.lock:
+            self.in_flight[model] += delta
+            self.max_in_flight[model] = max(self.max_in_flight[model], self.in_flight[model])
 
     def calls_for(self, prompt: str) -> list[Call]:
         with self.lock:
@@ -92,6 +102,13 @@ class FakeProvider:
         return {}
 
 
+class _Server(ThreadingHTTPServer):
+    """A thread per connection, and a listen backlog for a thousand clients connecting at once."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+
 def default_answer(prompt: str) -> list[str]:
     words = f"Echo: {prompt}".split(" ")
     return [word + " " for word in words[:-1]] + [words[-1]]
@@ -105,7 +122,10 @@ def _handler(provider: FakeProvider):
             pass
 
         def do_GET(self):
-            if self.path == "/_calls":
+            if self.path == "/_in_flight":
+                with provider.lock:
+                    self._json(200, {"now": dict(provider.in_flight), "max": dict(provider.max_in_flight)})
+            elif self.path == "/_calls":
                 with provider.lock:
                     counts: dict[str, int] = {}
                     for call in provider.calls:
@@ -133,10 +153,13 @@ def _handler(provider: FakeProvider):
             with provider.lock:
                 provider.calls.append(call)
             step = provider._next_step(prompt)
+            provider._streaming(call.model, 1)
             try:
                 self._respond(call, body, step)
             except (BrokenPipeError, ConnectionResetError):
                 call.disconnected = True
+            finally:
+                provider._streaming(call.model, -1)
 
         def _respond(self, call: Call, body: dict, step: dict) -> None:
             if "storm" in step:

@@ -58,6 +58,8 @@ class Config:
     BREAKER_FAILURES = 5
     BREAKER_OPEN_SECONDS = 15.0
     BREAKER_MAX_OPEN_SECONDS = 120.0
+    # Tasks one worker process runs at once, each in a thread of its own (`flask worker --concurrency`).
+    WORKER_CONCURRENCY = 32
     # On SIGTERM a worker finishes what it runs within this many seconds or hands it back.
     SHUTDOWN_GRACE_SECONDS = 40.0
     # How long a worker keeps retrying a database write (claim, final answer) while the
