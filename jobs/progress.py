@@ -21,7 +21,7 @@ from typing import NamedTuple, TypeVar
 
 from flask import current_app
 from redis.exceptions import RedisError
-from sqlalchemy import case, func, literal, select, update
+from sqlalchemy import bindparam, case, func, literal, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from webapp.extensions import db
@@ -48,19 +48,71 @@ def _lease(now: datetime) -> datetime:
     return now + timedelta(seconds=current_app.config["LEASE_SECONDS"])
 
 
+# The writes every attempt makes (the read before the claim, the claim, the final write) are
+# plain Core statements on the table, built once and run on a connection of their own: no ORM
+# unit of work, and SQLAlchemy compiles each of them once per process.
+_tasks = Task.__table__
+_PENDING = select(_tasks.c.model, _tasks.c.priority, func.length(_tasks.c.prompt), _tasks.c.params).where(
+    _tasks.c.id == bindparam("b_id"), _tasks.c.status == TaskStatus.PENDING.value
+)
+_CLAIM = (
+    update(_tasks)
+    .where(_tasks.c.id == bindparam("b_id"), _tasks.c.status == TaskStatus.PENDING.value)
+    .values(
+        status=TaskStatus.PROCESSING.value,
+        attempts=_tasks.c.attempts + 1,
+        lease_expires_at=bindparam("b_lease", type_=UTCDateTime()),
+        started_at=bindparam("b_now", type_=UTCDateTime()),
+        progress=0,
+        result=None,
+        run_after=None,
+        # The job that claimed it, if known (a claim by hand in tests keeps the row's).
+        job_id=func.coalesce(bindparam("b_job", type_=_tasks.c.job_id.type), _tasks.c.job_id),
+    )
+    .returning(
+        _tasks.c.attempts, _tasks.c.max_attempts, _tasks.c.prompt, _tasks.c.model, _tasks.c.priority, _tasks.c.params
+    )
+)
+_FENCE = (
+    _tasks.c.id == bindparam("b_id"),
+    _tasks.c.attempts == bindparam("b_attempt"),
+    _tasks.c.status == TaskStatus.PROCESSING.value,
+)
+_COMPLETE = (
+    update(_tasks)
+    .where(*_FENCE)
+    .values(
+        status=TaskStatus.COMPLETED.value,
+        result=bindparam("b_text", type_=_tasks.c.result.type),
+        progress=100,
+        error=None,
+        error_kind=None,
+        prompt_tokens=bindparam("b_prompt_tokens", type_=_tasks.c.prompt_tokens.type),
+        completion_tokens=bindparam("b_completion_tokens", type_=_tasks.c.completion_tokens.type),
+        lease_expires_at=None,
+        finished_at=bindparam("b_now", type_=UTCDateTime()),
+    )
+)
+
+
 def _fenced(claim: Claim):
-    return update(Task).where(
-        Task.id == claim.task_id,
-        Task.attempts == claim.attempt,
-        Task.status == TaskStatus.PROCESSING.value,
+    return update(_tasks).where(
+        _tasks.c.id == claim.task_id,
+        _tasks.c.attempts == claim.attempt,
+        _tasks.c.status == TaskStatus.PROCESSING.value,
     )
 
 
-def _write(statement) -> bool:
+def _run(statement, params: dict | None = None):
+    """Run one statement in a transaction of its own on a pooled connection; return its rows or rowcount."""
+    with db.engine.begin() as connection:
+        result = connection.execute(statement, params or {})
+        return result.first() if result.returns_rows else result.rowcount
+
+
+def _write(statement, params: dict | None = None) -> bool:
     """Run a fenced UPDATE; return whether it hit the row."""
-    result = db.session.execute(statement)
-    db.session.commit()
-    return result.rowcount == 1
+    return _run(statement, params) == 1
 
 
 T = TypeVar("T")
@@ -101,24 +153,7 @@ def claim(task_id: int, job_id: str | None = None) -> Claim | None:
     The row records the job that claimed it, so the task can be handed back by job id alone.
     """
     now = utcnow()
-    values = dict(
-        status=TaskStatus.PROCESSING.value,
-        attempts=Task.attempts + 1,
-        lease_expires_at=_lease(now),
-        started_at=now,
-        progress=0,
-        result=None,
-        run_after=None,
-    )
-    if job_id:
-        values["job_id"] = job_id
-    row = db.session.execute(
-        update(Task)
-        .where(Task.id == task_id, Task.status == TaskStatus.PENDING.value)
-        .values(**values)
-        .returning(Task.attempts, Task.max_attempts, Task.prompt, Task.model, Task.priority, Task.params)
-    ).first()
-    db.session.commit()
+    row = _run(_CLAIM, {"b_id": task_id, "b_lease": _lease(now), "b_now": now, "b_job": job_id or None})
     if row is None:
         return None
     return Claim(task_id, row.attempts, row.max_attempts, row.prompt, row.model, row.priority, row.params or {})
@@ -152,12 +187,7 @@ class Pending(NamedTuple):
 
 def pending_task(task_id: int) -> Pending | None:
     """Return a PENDING task's model, priority and size, or None when it is not PENDING (or gone)."""
-    row = db.session.execute(
-        select(Task.model, Task.priority, func.length(Task.prompt), Task.params).where(
-            Task.id == task_id, Task.status == TaskStatus.PENDING.value
-        )
-    ).first()
-    db.session.commit()
+    row = _run(_PENDING, {"b_id": task_id})
     return Pending(row[0], row[1], row[2] or 0, row[3] or {}) if row else None
 
 
@@ -200,17 +230,15 @@ def defer(task_id: int, job_id: str | None, priority: int, model: str, delay: fl
 def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_tokens: int | None) -> bool:
     """Record the answer: the one final write of a successful attempt."""
     return _write(
-        _fenced(claim).values(
-            status=TaskStatus.COMPLETED.value,
-            result=text,
-            progress=100,
-            error=None,
-            error_kind=None,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            lease_expires_at=None,
-            finished_at=utcnow(),
-        )
+        _COMPLETE,
+        {
+            "b_id": claim.task_id,
+            "b_attempt": claim.attempt,
+            "b_text": text,
+            "b_prompt_tokens": prompt_tokens,
+            "b_completion_tokens": completion_tokens,
+            "b_now": utcnow(),
+        },
     )
 
 
@@ -245,7 +273,7 @@ def hand_back(claim: Claim, kind: str, message: str, delay: float, job_id: str |
         job_id=job_id,
     )
     if refund:
-        values["max_attempts"] = Task.max_attempts + 1
+        values["max_attempts"] = _tasks.c.max_attempts + 1
     return _write(_fenced(claim).values(**values))
 
 
