@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,37 +94,66 @@ def stream_answer(spec: ModelSpec, prompt: str, params: dict, usage: Usage) -> I
     """Yield the answer's text pieces as they arrive; fill `usage` when the provider reports it.
 
     Raises ProviderError, classified, for every way the call can fail, including running past
-    the model's time budget.
+    the model's time budget. The SDK makes the call (request, headers, status errors as typed
+    exceptions); the stream's events are read as plain JSON rather than an SDK model per chunk,
+    which costs several times the CPU, and read to their end so the connection goes back to the
+    pool for the next call.
     """
     deadline = time.monotonic() + spec.timeout
     try:
-        stream = _client(spec).chat.completions.create(**build_request(spec, prompt, params))
-        with stream:
-            for chunk in stream:
-                if chunk.usage is not None:
-                    usage.prompt_tokens = chunk.usage.prompt_tokens
-                    usage.completion_tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices or ():
-                    piece = choice.delta.content if choice.delta else None
-                    if piece:
-                        yield piece
+        request = build_request(spec, prompt, params)
+        with _client(spec).chat.completions.with_streaming_response.create(**request) as response:
+            done = False
+            for line in response.iter_lines():
+                if done or not line.startswith("data:"):
+                    continue  # blank lines between events, comments, `event:` and `id:` fields
+                data = line[5:].strip()
+                if data.startswith("[DONE]"):
+                    done = True  # read on to the end of the body (nothing, normally)
+                    continue
+                yield from _pieces(json.loads(data), usage)
                 if time.monotonic() > deadline:
                     raise ProviderError(
                         "timeout", f"The answer took longer than the model's {spec.timeout:g} s limit.", True
                     )
     except openai.APIStatusError as exc:
         raise classify_status(exc) from None
-    except openai.APITimeoutError:
+    except (openai.APITimeoutError, httpx2.TimeoutException):
         raise ProviderError(
             "timeout", f"The provider sent nothing for {spec.read_timeout:g} s (timed out).", True
         ) from None
     except openai.APIConnectionError as exc:
         raise ProviderError("connection", f"Could not reach the provider ({_cause(exc)}).", True) from None
+    except httpx2.RequestError as exc:
+        raise ProviderError("connection", f"Could not reach the provider ({type(exc).__name__}).", True) from None
     except (openai.APIError, ValueError) as exc:
         # A malformed answer (bad JSON in the stream, wrong shape) is usually a passing fault.
         raise ProviderError(
             "bad_response", f"The provider sent a malformed answer ({type(exc).__name__}).", True
         ) from None
+
+
+def _pieces(chunk: object, usage: Usage) -> list[str]:
+    """Return the text pieces of one `chat.completion.chunk`; note its usage. ValueError if malformed."""
+    if not isinstance(chunk, dict):
+        raise ValueError("a chunk is not an object")
+    if chunk.get("error"):  # an error reported inside the stream
+        raise ValueError("the provider reported an error in the stream")
+    if isinstance(found := chunk.get("usage"), dict):
+        usage.prompt_tokens = found.get("prompt_tokens")
+        usage.completion_tokens = found.get("completion_tokens")
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list):
+        raise ValueError("choices is not a list")
+    pieces = []
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        piece = delta.get("content") if isinstance(delta, dict) else None
+        if piece:
+            if not isinstance(piece, str):
+                raise ValueError("content is not text")
+            pieces.append(piece)
+    return pieces
 
 
 def classify_status(exc: openai.APIStatusError) -> ProviderError:
