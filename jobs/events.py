@@ -137,13 +137,14 @@ def crashed(task: Claim, job_id: str) -> None:
     Batch().inc("atr_provider_errors", model=task.model, kind="internal").send()
 
 
-def paused(task_id: int, job_id: str, model: str, delay: float, next_job: str | None) -> None:
-    """The model's circuit breaker is open: the task waits, unclaimed, without spending an attempt."""
+def paused(task_id: int, job_id: str, model: str, delay: float, next_job: str | None, reason: str) -> None:
+    """The model's breaker is open or a limit is reached: the task waits, unclaimed, without spending an attempt."""
     log.info(
-        "task %s job %s: model %s paused (circuit open); deferred %.1f s as %s",
+        "task %s job %s: model %s paused (%s); deferred %.1f s as %s",
         task_id,
         job_id,
         model,
+        reason,
         delay,
         next_job,
         **_ids(task_id, job_id),

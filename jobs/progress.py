@@ -1,9 +1,10 @@
-"""The worker's writes to a task: the atomic claim, progress, the lease, and fenced final writes.
+"""The worker's writes to a task: the atomic claim, deferral, hand-back and fenced final writes.
 
-Every write after the claim is fenced by the attempt number and status PROCESSING, so a worker
+(The text so far, progress and lease renewals of running attempts are written in batches by
+`jobs/tracker.py`.) Every write after the claim is fenced by the attempt number and status PROCESSING, so a worker
 whose task was cancelled, deleted or taken back by the sweeper changes nothing. `release`
-hands a claimed task back when only its job id is known (a dead work-horse, a worker that
-shuts down), fenced by that job id instead.
+hands a claimed task back when only its job id is known (a worker thread that died, a worker
+that shuts down), fenced by that job id instead.
 
 The database may blink: `with_database` retries a write while the connection is being
 re-established, so a restart of PostgreSQL delays work instead of failing it.
@@ -12,16 +13,15 @@ re-established, so a restart of PostgreSQL delays work instead of failing it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
-from flask import Flask, current_app
+from flask import current_app
 from redis.exceptions import RedisError
-from sqlalchemy import case, literal, select, update
+from sqlalchemy import bindparam, case, func, literal, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from webapp.extensions import db
@@ -48,19 +48,71 @@ def _lease(now: datetime) -> datetime:
     return now + timedelta(seconds=current_app.config["LEASE_SECONDS"])
 
 
+# The writes every attempt makes (the read before the claim, the claim, the final write) are
+# plain Core statements on the table, built once and run on a connection of their own: no ORM
+# unit of work, and SQLAlchemy compiles each of them once per process.
+_tasks = Task.__table__
+_PENDING = select(_tasks.c.model, _tasks.c.priority, func.length(_tasks.c.prompt), _tasks.c.params).where(
+    _tasks.c.id == bindparam("b_id"), _tasks.c.status == TaskStatus.PENDING.value
+)
+_CLAIM = (
+    update(_tasks)
+    .where(_tasks.c.id == bindparam("b_id"), _tasks.c.status == TaskStatus.PENDING.value)
+    .values(
+        status=TaskStatus.PROCESSING.value,
+        attempts=_tasks.c.attempts + 1,
+        lease_expires_at=bindparam("b_lease", type_=UTCDateTime()),
+        started_at=bindparam("b_now", type_=UTCDateTime()),
+        progress=0,
+        result=None,
+        run_after=None,
+        # The job that claimed it, if known (a claim by hand in tests keeps the row's).
+        job_id=func.coalesce(bindparam("b_job", type_=_tasks.c.job_id.type), _tasks.c.job_id),
+    )
+    .returning(
+        _tasks.c.attempts, _tasks.c.max_attempts, _tasks.c.prompt, _tasks.c.model, _tasks.c.priority, _tasks.c.params
+    )
+)
+_FENCE = (
+    _tasks.c.id == bindparam("b_id"),
+    _tasks.c.attempts == bindparam("b_attempt"),
+    _tasks.c.status == TaskStatus.PROCESSING.value,
+)
+_COMPLETE = (
+    update(_tasks)
+    .where(*_FENCE)
+    .values(
+        status=TaskStatus.COMPLETED.value,
+        result=bindparam("b_text", type_=_tasks.c.result.type),
+        progress=100,
+        error=None,
+        error_kind=None,
+        prompt_tokens=bindparam("b_prompt_tokens", type_=_tasks.c.prompt_tokens.type),
+        completion_tokens=bindparam("b_completion_tokens", type_=_tasks.c.completion_tokens.type),
+        lease_expires_at=None,
+        finished_at=bindparam("b_now", type_=UTCDateTime()),
+    )
+)
+
+
 def _fenced(claim: Claim):
-    return update(Task).where(
-        Task.id == claim.task_id,
-        Task.attempts == claim.attempt,
-        Task.status == TaskStatus.PROCESSING.value,
+    return update(_tasks).where(
+        _tasks.c.id == claim.task_id,
+        _tasks.c.attempts == claim.attempt,
+        _tasks.c.status == TaskStatus.PROCESSING.value,
     )
 
 
-def _write(statement) -> bool:
+def _run(statement, params: dict | None = None):
+    """Run one statement in a transaction of its own on a pooled connection; return its rows or rowcount."""
+    with db.engine.begin() as connection:
+        result = connection.execute(statement, params or {})
+        return result.first() if result.returns_rows else result.rowcount
+
+
+def _write(statement, params: dict | None = None) -> bool:
     """Run a fenced UPDATE; return whether it hit the row."""
-    result = db.session.execute(statement)
-    db.session.commit()
-    return result.rowcount == 1
+    return _run(statement, params) == 1
 
 
 T = TypeVar("T")
@@ -101,24 +153,7 @@ def claim(task_id: int, job_id: str | None = None) -> Claim | None:
     The row records the job that claimed it, so the task can be handed back by job id alone.
     """
     now = utcnow()
-    values = dict(
-        status=TaskStatus.PROCESSING.value,
-        attempts=Task.attempts + 1,
-        lease_expires_at=_lease(now),
-        started_at=now,
-        progress=0,
-        result=None,
-        run_after=None,
-    )
-    if job_id:
-        values["job_id"] = job_id
-    row = db.session.execute(
-        update(Task)
-        .where(Task.id == task_id, Task.status == TaskStatus.PENDING.value)
-        .values(**values)
-        .returning(Task.attempts, Task.max_attempts, Task.prompt, Task.model, Task.priority, Task.params)
-    ).first()
-    db.session.commit()
+    row = _run(_CLAIM, {"b_id": task_id, "b_lease": _lease(now), "b_now": now, "b_job": job_id or None})
     if row is None:
         return None
     return Claim(task_id, row.attempts, row.max_attempts, row.prompt, row.model, row.priority, row.params or {})
@@ -141,13 +176,19 @@ def claimed_by(task_id: int, job_id: str) -> Claim | None:
     return Claim(task_id, row.attempts, row.max_attempts, row.prompt, row.model, row.priority, row.params or {})
 
 
-def pending_task(task_id: int) -> tuple[str, int] | None:
-    """Return (model, priority) of a PENDING task, or None when it is not PENDING (or gone)."""
-    row = db.session.execute(
-        select(Task.model, Task.priority).where(Task.id == task_id, Task.status == TaskStatus.PENDING.value)
-    ).first()
-    db.session.commit()
-    return (row.model, row.priority) if row else None
+class Pending(NamedTuple):
+    """What a job needs to know about its PENDING task before claiming it."""
+
+    model: str
+    priority: int
+    prompt_chars: int
+    params: dict
+
+
+def pending_task(task_id: int) -> Pending | None:
+    """Return a PENDING task's model, priority and size, or None when it is not PENDING (or gone)."""
+    row = _run(_PENDING, {"b_id": task_id})
+    return Pending(row[0], row[1], row[2] or 0, row[3] or {}) if row else None
 
 
 def reclaim(claim: Claim) -> Claim | None:
@@ -186,30 +227,18 @@ def defer(task_id: int, job_id: str | None, priority: int, model: str, delay: fl
     return new_job
 
 
-def report(claim: Claim, text: str, progress: int) -> bool:
-    """Save the text so far and renew the lease; False means the task is no longer ours."""
-    return _write(_fenced(claim).values(result=text, progress=min(progress, 99), lease_expires_at=_lease(utcnow())))
-
-
-def renew(claim: Claim) -> bool:
-    """Renew the lease only; False means the task is no longer ours."""
-    return _write(_fenced(claim).values(lease_expires_at=_lease(utcnow())))
-
-
 def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_tokens: int | None) -> bool:
     """Record the answer: the one final write of a successful attempt."""
     return _write(
-        _fenced(claim).values(
-            status=TaskStatus.COMPLETED.value,
-            result=text,
-            progress=100,
-            error=None,
-            error_kind=None,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            lease_expires_at=None,
-            finished_at=utcnow(),
-        )
+        _COMPLETE,
+        {
+            "b_id": claim.task_id,
+            "b_attempt": claim.attempt,
+            "b_text": text,
+            "b_prompt_tokens": prompt_tokens,
+            "b_completion_tokens": completion_tokens,
+            "b_now": utcnow(),
+        },
     )
 
 
@@ -244,15 +273,15 @@ def hand_back(claim: Claim, kind: str, message: str, delay: float, job_id: str |
         job_id=job_id,
     )
     if refund:
-        values["max_attempts"] = Task.max_attempts + 1
+        values["max_attempts"] = _tasks.c.max_attempts + 1
     return _write(_fenced(claim).values(**values))
 
 
 def release(task_id: int, job_id: str, kind: str, message: str, refund: bool) -> str | None:
     """Hand back a task that job `job_id` claimed, knowing only the ids; enqueue its next run.
 
-    For whoever outlives an attempt: RQ's parent process after its work-horse died, a worker
-    that shuts down with tasks still running in threads. With `refund` the attempt is given
+    For whoever outlives an attempt: the worker after one of its threads died, or when it
+    shuts down with tasks still running in threads. With `refund` the attempt is given
     back; without, a task with no attempts left is FAILED (a task that keeps killing its
     workers must end). Returns the new status, or None when the job no longer held the task.
     """
@@ -311,44 +340,3 @@ def release(task_id: int, job_id: str, kind: str, message: str, refund: bool) ->
         except RedisError:
             log.warning("task %s handed back but not enqueued (Redis unavailable); the sweeper will", task_id)
     return row.status
-
-
-class LeaseKeeper:
-    """Renews the lease of a claimed task in a background thread while the job works.
-
-    The stream may be silent for a while (a slow first token), so the lease must not depend on
-    chunks arriving. If a renewal finds the task is no longer ours, `lost` is set; the job checks
-    it at every chunk.
-    """
-
-    def __init__(self, app: Flask, claim: Claim):
-        self.app = app
-        # The job replaces it when it starts another attempt in place (see `reclaim`).
-        self.claim = claim
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{claim.task_id}", daemon=True)
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        interval = self.app.config["LEASE_SECONDS"] / 3
-        with self.app.app_context():
-            while not self._stop.wait(interval):
-                try:
-                    still_ours = renew(self.claim)
-                except Exception:  # a database blip: the lease has room for a few misses
-                    log.warning("task %s: lease renewal failed", self.claim.task_id, exc_info=True)
-                    db.session.rollback()
-                    continue
-                finally:
-                    db.session.remove()
-                if not still_ours:
-                    self.lost.set()
-                    return

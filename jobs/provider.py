@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx2
 import openai
 
 from webapp.catalog import ModelSpec
@@ -36,10 +38,12 @@ class Usage:
     completion_tokens: int | None = None
 
 
-# SDK clients by (base URL, key, read timeout), one per process. Making one costs ~30 ms of CPU
-# (it builds a TLS context), more than a short answer: the RQ worker makes them before it forks
-# (`warm_clients`), so every work-horse starts with them. They hold no connection until used.
+# SDK clients by (base URL, key, read timeout), one per process, shared by all its threads (an
+# httpx client is thread-safe). Making one costs ~30 ms of CPU (it builds a TLS context), more
+# than a short answer: the worker makes them at start (`warm_clients`). Each holds a connection
+# pool as large as the worker's concurrency, so no call waits for a connection.
 _clients: dict[tuple[str, str, float], openai.OpenAI] = {}
+_pool_size = 100
 
 
 def _client(spec: ModelSpec) -> openai.OpenAI:
@@ -53,12 +57,17 @@ def _client(spec: ModelSpec) -> openai.OpenAI:
             max_retries=0,
             # `read` bounds the silence between two chunks; the whole answer is bounded by the deadline.
             timeout=openai.Timeout(spec.read_timeout, connect=CONNECT_TIMEOUT),
+            http_client=openai.DefaultHttpxClient(
+                limits=httpx2.Limits(max_connections=_pool_size, max_keepalive_connections=_pool_size)
+            ),
         )
     return client
 
 
-def warm_clients(specs) -> None:
-    """Make the SDK clients of these models now (before forking work-horses)."""
+def warm_clients(specs, pool_size: int) -> None:
+    """Make the SDK clients of these models now, each with `pool_size` connections at most."""
+    global _pool_size
+    _pool_size = max(pool_size, 1)
     for spec in specs:
         _client(spec)
 
@@ -85,37 +94,66 @@ def stream_answer(spec: ModelSpec, prompt: str, params: dict, usage: Usage) -> I
     """Yield the answer's text pieces as they arrive; fill `usage` when the provider reports it.
 
     Raises ProviderError, classified, for every way the call can fail, including running past
-    the model's time budget.
+    the model's time budget. The SDK makes the call (request, headers, status errors as typed
+    exceptions); the stream's events are read as plain JSON rather than an SDK model per chunk,
+    which costs several times the CPU, and read to their end so the connection goes back to the
+    pool for the next call.
     """
     deadline = time.monotonic() + spec.timeout
     try:
-        stream = _client(spec).chat.completions.create(**build_request(spec, prompt, params))
-        with stream:
-            for chunk in stream:
-                if chunk.usage is not None:
-                    usage.prompt_tokens = chunk.usage.prompt_tokens
-                    usage.completion_tokens = chunk.usage.completion_tokens
-                for choice in chunk.choices or ():
-                    piece = choice.delta.content if choice.delta else None
-                    if piece:
-                        yield piece
+        request = build_request(spec, prompt, params)
+        with _client(spec).chat.completions.with_streaming_response.create(**request) as response:
+            done = False
+            for line in response.iter_lines():
+                if done or not line.startswith("data:"):
+                    continue  # blank lines between events, comments, `event:` and `id:` fields
+                data = line[5:].strip()
+                if data.startswith("[DONE]"):
+                    done = True  # read on to the end of the body (nothing, normally)
+                    continue
+                yield from _pieces(json.loads(data), usage)
                 if time.monotonic() > deadline:
                     raise ProviderError(
                         "timeout", f"The answer took longer than the model's {spec.timeout:g} s limit.", True
                     )
     except openai.APIStatusError as exc:
         raise classify_status(exc) from None
-    except openai.APITimeoutError:
+    except (openai.APITimeoutError, httpx2.TimeoutException):
         raise ProviderError(
             "timeout", f"The provider sent nothing for {spec.read_timeout:g} s (timed out).", True
         ) from None
     except openai.APIConnectionError as exc:
         raise ProviderError("connection", f"Could not reach the provider ({_cause(exc)}).", True) from None
+    except httpx2.RequestError as exc:
+        raise ProviderError("connection", f"Could not reach the provider ({type(exc).__name__}).", True) from None
     except (openai.APIError, ValueError) as exc:
         # A malformed answer (bad JSON in the stream, wrong shape) is usually a passing fault.
         raise ProviderError(
             "bad_response", f"The provider sent a malformed answer ({type(exc).__name__}).", True
         ) from None
+
+
+def _pieces(chunk: object, usage: Usage) -> list[str]:
+    """Return the text pieces of one `chat.completion.chunk`; note its usage. ValueError if malformed."""
+    if not isinstance(chunk, dict):
+        raise ValueError("a chunk is not an object")
+    if chunk.get("error"):  # an error reported inside the stream
+        raise ValueError("the provider reported an error in the stream")
+    if isinstance(found := chunk.get("usage"), dict):
+        usage.prompt_tokens = found.get("prompt_tokens")
+        usage.completion_tokens = found.get("completion_tokens")
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list):
+        raise ValueError("choices is not a list")
+    pieces = []
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        piece = delta.get("content") if isinstance(delta, dict) else None
+        if piece:
+            if not isinstance(piece, str):
+                raise ValueError("content is not text")
+            pieces.append(piece)
+    return pieces
 
 
 def classify_status(exc: openai.APIStatusError) -> ProviderError:

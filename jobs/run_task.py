@@ -32,9 +32,11 @@ from webapp.services.tasks import job_timeout
 
 from . import events, progress
 from .breaker import Breaker
-from .progress import Claim, LeaseKeeper, database_unavailable, with_database
+from .limits import Hold, estimate_tokens, limits
+from .progress import Claim, database_unavailable, with_database
 from .provider import ProviderError, Usage, stream_answer
 from .shutdown import drain
+from .tracker import Entry, tracker
 
 # Failures that say something about the provider's health, as opposed to the request's.
 BREAKER_KINDS = {"rate_limited", "provider_error", "timeout", "connection", "bad_response"}
@@ -70,41 +72,70 @@ def run_task(task_id: int) -> str:
     if pending is None:
         events.skipped(task_id, label)
         return "skipped"
-    model, priority = pending
-    spec = catalog().get(model)
+    spec = catalog().get(pending.model)
+    hold = None
     if spec is not None:
-        verdict = Breaker(model).check(probe_seconds=spec.timeout)
-        if not verdict.allowed:
-            delay = verdict.wait + random.uniform(0, 1)  # spread the waiting tasks out
-            new_job = with_database(lambda: progress.defer(task_id, job_id, priority, model, delay, job_timeout(model)))
-            events.paused(task_id, label, model, delay, new_job)
-            return "paused"
+        hold = _admit(task_id, job_id, label, spec, pending)
+        if hold is None:
+            return "deferred"
+    try:
+        return _run_claimed(task_id, job_id, label, spec, hold)
+    finally:
+        if hold is not None:
+            limits().release(hold, hold.used)
+
+
+def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pending: progress.Pending) -> Hold | None:
+    """Take a place under the model's limits and past its breaker, or defer the task (None)."""
+    budget = pending.params.get("max_tokens") or spec.default_max_tokens
+    tokens = estimate_tokens(pending.prompt_chars, pending.params.get("system"), budget)
+    verdict, hold = limits().acquire(spec, job_id or f"task-{task_id}", tokens)
+    if verdict.allowed:
+        breaker = Breaker(spec.name).check(probe_seconds=spec.timeout)
+        if breaker.allowed:
+            return hold
+        limits().release(hold)
+        wait, reason = breaker.wait, "circuit open"
+    else:
+        wait, reason = verdict.wait, f"{verdict.limit} limit"
+    delay = wait + random.uniform(0, 1)  # spread the waiting tasks out
+    timeout = job_timeout(spec.name)
+    new_job = with_database(lambda: progress.defer(task_id, job_id, pending.priority, spec.name, delay, timeout))
+    events.paused(task_id, label, spec.name, delay, new_job, reason)
+    return None
+
+
+def _run_claimed(task_id: int, job_id: str | None, label: str, spec: ModelSpec | None, hold: Hold | None) -> str:
     task = _claim(task_id, job_id)
     if task is None:
         events.skipped(task_id, label)
         return "skipped"
     events.claimed(task, label)
-    with LeaseKeeper(current_app._get_current_object(), task) as keeper:
-        try:
-            return _attempt(keeper, spec, label)
-        except TaskAttemptError:
-            raise
-        except JobTimeoutException:
-            err = ProviderError("timeout", "The attempt ran past the worker's time limit.", transient=True)
-            return _failed_attempt(keeper.claim, label, err, "")
-        except DBAPIError as exc:
-            db.session.rollback()
-            if database_unavailable(exc):
-                # The database stayed away longer than DB_RETRY_SECONDS. Leave the task
-                # PROCESSING: its lease runs out and the sweeper hands it back. Never mark it
-                # failed for this.
-                events.database_lost(keeper.claim, label)
-                # Not the DBAPIError itself: RQ keeps exception text in Redis, and it names the
-                # SQL's values (the answer).
-                raise TaskAttemptError(f"task {task_id} attempt {keeper.claim.attempt}: database error") from None
-            return _crashed(keeper.claim, label, exc)
-        except Exception as exc:
-            return _crashed(keeper.claim, label, exc)
+    budget = task.params.get("max_tokens") or (spec.default_max_tokens if spec else 1)
+    tasks = tracker(current_app._get_current_object())
+    entry = tasks.add(task, budget, hold)
+    try:
+        return _attempt(entry, spec, label)
+    except TaskAttemptError:
+        raise
+    except JobTimeoutException:
+        err = ProviderError("timeout", "The attempt ran past the worker's time limit.", transient=True)
+        return _failed_attempt(entry.claim, label, err, "")
+    except DBAPIError as exc:
+        db.session.rollback()
+        if database_unavailable(exc):
+            # The database stayed away longer than DB_RETRY_SECONDS. Leave the task
+            # PROCESSING: its lease runs out and the sweeper hands it back. Never mark it
+            # failed for this.
+            events.database_lost(entry.claim, label)
+            # Not the DBAPIError itself: RQ keeps exception text in Redis, and it names the
+            # SQL's values (the answer).
+            raise TaskAttemptError(f"task {task_id} attempt {entry.claim.attempt}: database error") from None
+        return _crashed(entry.claim, label, exc)
+    except Exception as exc:
+        return _crashed(entry.claim, label, exc)
+    finally:
+        tasks.remove(entry)
 
 
 def _claim(task_id: int, job_id: str | None) -> Claim | None:
@@ -137,7 +168,7 @@ def _crashed(task: Claim, job_id: str, exc: BaseException) -> str:
     raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: internal error ({kind})") from None
 
 
-def _attempt(keeper: LeaseKeeper, spec: ModelSpec | None, job_id: str) -> str:
+def _attempt(keeper: Entry, spec: ModelSpec | None, job_id: str) -> str:
     task = keeper.claim
     if spec is None:
         with_database(
@@ -162,7 +193,7 @@ def _attempt(keeper: LeaseKeeper, spec: ModelSpec | None, job_id: str) -> str:
             task = keeper.claim
             if err.kind in BREAKER_KINDS:
                 _count_failure(breaker)
-            if not _wait_inline(task, err, breaker, keeper, job_id):
+            if not _wait_inline(task, err, breaker, keeper, job_id, spec):
                 return _failed_attempt(task, job_id, err, err.partial)
             task = with_database(lambda t=task: progress.reclaim(t))
             if task is None:
@@ -170,6 +201,8 @@ def _attempt(keeper: LeaseKeeper, spec: ModelSpec | None, job_id: str) -> str:
             keeper.claim = task
             events.claimed(task, job_id)
     task = keeper.claim
+    if keeper.hold is not None:
+        keeper.hold.used = (usage.prompt_tokens or 0) + (usage.completion_tokens or pieces)
     if not text.strip():
         _count_failure(breaker)
         err = ProviderError("empty_answer", "The model returned an empty answer.", transient=True)
@@ -191,7 +224,7 @@ class _Gone(Exception):
     """The task was cancelled, deleted or taken back while the attempt ran."""
 
 
-def _stream(keeper: LeaseKeeper, spec: ModelSpec, job_id: str) -> tuple[str, Usage, int, float]:
+def _stream(keeper: Entry, spec: ModelSpec, job_id: str) -> tuple[str, Usage, int, float]:
     """Stream one provider call into the row; return (text, usage, pieces, seconds).
 
     Raises ProviderError (with the text so far as `partial`), _Gone, or HandedBack when the
@@ -200,11 +233,12 @@ def _stream(keeper: LeaseKeeper, spec: ModelSpec, job_id: str) -> tuple[str, Usa
     task = keeper.claim
     if drain.draining:
         _hand_back_for_shutdown(task, job_id)
-    budget = task.params.get("max_tokens") or spec.default_max_tokens
-    interval = current_app.config["PROGRESS_INTERVAL"]
     usage = Usage()
+    # The tracker writes the text so far and the progress (the share of the token budget
+    # produced, a piece being about a token) from this list, about once a second.
     pieces: list[str] = []
-    started = last_write = time.monotonic()
+    keeper.pieces, keeper.written = pieces, 0
+    started = time.monotonic()
     try:
         for piece in stream_answer(spec, task.prompt, task.params, usage):
             pieces.append(piece)
@@ -212,26 +246,10 @@ def _stream(keeper: LeaseKeeper, spec: ModelSpec, job_id: str) -> tuple[str, Usa
                 raise _Gone()
             if drain.expired():
                 _hand_back_for_shutdown(task, job_id)
-            if time.monotonic() - last_write >= interval:
-                last_write = time.monotonic()
-                # Progress is the share of the token budget produced so far (a chunk is ~a token).
-                if not _report(task, "".join(pieces), 100 * len(pieces) // budget):
-                    raise _Gone()
     except ProviderError as err:
         err.partial = "".join(pieces)
         raise
     return "".join(pieces), usage, len(pieces), time.monotonic() - started
-
-
-def _report(task: Claim, text: str, share: int) -> bool:
-    """Write the text so far; a database blip skips this write (the stream goes on)."""
-    try:
-        return progress.report(task, text, share)
-    except DBAPIError as exc:
-        db.session.rollback()
-        if not database_unavailable(exc):
-            raise
-        return True
 
 
 def _finish(task: Claim, text: str, prompt_tokens: int | None, tokens: int) -> bool:
@@ -258,7 +276,9 @@ def _completed_by(task: Claim) -> bool:
     return row is not None and row.status == TaskStatus.COMPLETED.value and row.attempts == task.attempt
 
 
-def _wait_inline(task: Claim, err: ProviderError, breaker: Breaker, keeper: LeaseKeeper, job_id: str) -> bool:
+def _wait_inline(
+    task: Claim, err: ProviderError, breaker: Breaker, keeper: Entry, job_id: str, spec: ModelSpec
+) -> bool:
     """Wait out a short Retry-After in this worker; return whether to start the next attempt now."""
     limit = current_app.config["RETRY_INLINE_MAX_SECONDS"]
     if err.kind != "rate_limited" or err.retry_after is None or err.retry_after > limit:
@@ -270,7 +290,17 @@ def _wait_inline(task: Claim, err: ProviderError, breaker: Breaker, keeper: Leas
     while (left := deadline - time.monotonic()) > 0:
         if drain.wait(min(left, 0.5)) or keeper.lost.is_set():
             return False  # shutting down or no longer ours: hand back the usual way
-    return breaker.check().allowed
+    if not breaker.check().allowed:
+        return False
+    if keeper.hold is None:
+        return True
+    # The next call counts against the model's requests and tokens per minute too; its slot is kept.
+    budget = task.params.get("max_tokens") or spec.default_max_tokens
+    tokens = estimate_tokens(len(task.prompt), task.params.get("system"), budget)
+    verdict, hold = limits().acquire(spec, keeper.hold.holder, tokens)
+    if hold is not None:
+        keeper.hold.tokens += hold.tokens
+    return verdict.allowed
 
 
 def _hand_back_for_shutdown(task: Claim, job_id: str) -> None:

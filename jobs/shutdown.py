@@ -3,11 +3,9 @@
 A worker asked to stop (SIGTERM) calls `drain.request(grace)`. From then on an attempt in
 this process starts no new provider call, and one still streaming at the deadline hands its
 task back (PENDING, a fresh job enqueued at once, the attempt refunded) instead of being
-killed with it. Code that runs attempts only asks `drain.draining` and `drain.expired()`, so
-it works the same in RQ's forked work-horse (where the parent forwards the request with a
-signal, see jobs/worker.py) and in a threaded or asyncio worker (which calls
-`drain.request` itself and, past the deadline, hands back whatever its tasks still hold with
-`jobs.progress.release`).
+killed with it. Code that runs attempts only asks `drain.draining` and `drain.expired()`; the
+threaded worker (jobs/worker.py) calls `drain.request` on SIGTERM and, past the deadline, hands
+back whatever its threads still hold with `jobs.progress.release`.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ class Drain:
         return self._event.wait(seconds)
 
     def reset(self) -> None:
-        """Forget the request (tests, and a forked child that must not inherit it)."""
+        """Forget the request (tests)."""
         self._deadline = None
         self._event.clear()
 

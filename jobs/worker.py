@@ -1,191 +1,387 @@
-"""The RQ worker that runs tasks inside the Flask app, and what it does when things die.
+"""The RQ worker: one process runs up to `concurrency` tasks at once, each in a thread of its own.
 
-- A work-horse that dies mid-task (kill -9, out of memory) is noticed by its parent at once:
-  the parent hands the task back (`progress.release`) instead of leaving it to the lease.
-- SIGTERM: the worker takes no new job; the work-horse is told to drain (SIGUSR1), so its
-  attempt finishes within SHUTDOWN_GRACE_SECONDS or hands the task back; a horse still
-  running a few seconds after that is killed and its task handed back by the parent. A
-  second SIGTERM (or Ctrl+C) stops at once, also handing the task back.
-- Redis going away ends RQ's work loop; `run_worker` starts it again when Redis is back,
-  in the same process.
+An AI task spends almost all its time waiting for the provider, so a worker is a thread per
+running job rather than a process per job (RQ's forking `Worker`). `TaskWorker` subclasses
+RQ's `BaseWorker` and keeps RQ's own bookkeeping: each running job has its execution in the
+StartedJobRegistry, the job and execution heartbeats and the worker's heartbeat are kept up
+(for all running jobs in one pipeline), and finished and failed jobs land in RQ's registries,
+so rq-dashboard and `/health` show the truth.
+
+- **Taking work.** The loop takes a job only when a thread is free (it never holds a job it
+  cannot start), waiting at most a second on Redis so it notices a stop request at once.
+- **Timeouts** do not use SIGALRM (a process has one alarm, and only its main thread gets
+  signals): the provider's read timeout and the model's whole-answer timeout end a stalled
+  call, and a watchdog raises RQ's JobTimeoutException in a job thread that outlives its RQ job
+  timeout (`WatchdogDeathPenalty`).
+- **SIGTERM**: the worker takes no new job; running attempts finish within
+  SHUTDOWN_GRACE_SECONDS or hand their task back, refunded (`jobs.shutdown.drain`); a thread
+  still running a few seconds after that has its task handed back by the worker, which exits.
+  A second SIGTERM (or Ctrl+C) hands back every running task at once and exits.
+- **A thread that dies** (an exception that escaped RQ's own handling) has its task handed back
+  at once (`progress.release`, fenced by the job id), so it does not wait for the lease.
+- **Redis going away**: the loop waits and tries again, with the running threads untouched;
+  once Redis is back the worker registers itself again if Redis lost it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
-import os
 import signal
 import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
 
-from flask import current_app
-from redis import Redis
+from flask import Flask, current_app
+from redis import BlockingConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from rq import Worker
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq import worker_registration
+from rq.exceptions import DequeueTimeout, StopRequested
+from rq.job import Job, JobStatus
+from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq.timeouts import BaseDeathPenalty
 from rq.utils import now
+from rq.worker import BaseWorker, WorkerStatus
 
 from webapp.catalog import catalog
 from webapp.extensions import db
 
 from . import events, progress
-
-# Imported here, in the parent, so every forked work-horse starts with the job code (and the
-# openai SDK, slow to import) already loaded.
-from . import run_task as _run_task  # noqa: F401
+from . import run_task as _run_task  # noqa: F401 (loaded before the first job)
 from .provider import warm_clients
 from .shutdown import drain
 
 log = logging.getLogger(__name__)
 
-# Parent → work-horse: "the worker is stopping; finish or hand back within the grace period".
-DRAIN_SIGNAL = signal.SIGUSR1
-# Seconds after the grace period before a horse that has not ended is killed.
+# Seconds after the grace period before the worker hands back what its threads still hold.
 HARD_STOP_MARGIN = 5.0
 TASK_FUNCTION = "jobs.run_task.run_task"
+# Seconds the loop waits on Redis for a job before it looks at stop requests again.
+DEQUEUE_WAIT = 1
 
 
-class TaskWorker(Worker):
-    """RQ's forking worker; each work-horse starts with fresh database connections.
+class Watchdog:
+    """Raises an exception in job threads that outlive their deadline (checked about once a second)."""
 
-    A forked child must not use sockets it inherited from its parent's connection pool, so the
-    horse drops the pool (without closing the parent's connections) before running the job.
-    """
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deadlines: dict[BaseDeathPenalty, tuple[float, int]] = {}
 
+    def watch(self, penalty: BaseDeathPenalty, seconds: float) -> None:
+        with self._lock:
+            self._deadlines[penalty] = (time.monotonic() + seconds, threading.get_ident())
+
+    def forget(self, penalty: BaseDeathPenalty) -> None:
+        with self._lock:
+            self._deadlines.pop(penalty, None)
+
+    def check(self) -> None:
+        """Interrupt every thread past its deadline (when it next runs Python code)."""
+        moment = time.monotonic()
+        with self._lock:
+            late = [(p, ident) for p, (deadline, ident) in self._deadlines.items() if deadline <= moment]
+            for penalty, ident in late:
+                del self._deadlines[penalty]
+                log.warning("worker: a job thread ran past its time limit; interrupting it")
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(penalty._exception))
+
+
+watchdog = Watchdog()
+
+
+class WatchdogDeathPenalty(BaseDeathPenalty):
+    """RQ's job time limit for a job running in a thread: one watchdog instead of a timer per job."""
+
+    def setup_death_penalty(self) -> None:
+        if self._timeout > 0:
+            watchdog.watch(self, self._timeout)
+
+    def cancel_death_penalty(self) -> None:
+        watchdog.forget(self)
+
+
+class TaskWorker(BaseWorker):
+    """RQ's worker, running up to `concurrency` jobs at once in threads of one process."""
+
+    death_penalty_class = WatchdogDeathPenalty
     # RQ waits up to 60 s between reconnection attempts by default; Redis restarts are short.
     max_connection_wait_time = 5.0
 
-    def __init__(self, *args, grace: float = 40.0, **kwargs):
-        super().__init__(*args, work_horse_killed_handler=self._horse_died, **kwargs)
+    def __init__(self, *args, app: Flask, concurrency: int = 32, grace: float = 40.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.app = app
+        self.concurrency = concurrency
         self.grace = grace
-        self._draining = False
-        self._running = None  # the job the current horse runs
+        self._free = threading.Semaphore(concurrency)
+        self._lock = threading.Lock()
+        # execution id -> (job, queue, execution, thread)
+        self._running: dict[str, tuple] = {}
+        self._cold = False
+        self._stopped = threading.Event()  # the loop has ended: no more heartbeats
 
-    def execute_job(self, job, queue):
-        self._running = job
+    # --- the loop ---------------------------------------------------------------------------
+
+    def work(self, burst: bool = False, logging_level: str | None = None, with_scheduler: bool = True, **_) -> bool:
+        """Take jobs and start them in threads until asked to stop (or, in burst mode, until idle)."""
+        self.bootstrap(logging_level)
+        if with_scheduler:
+            self._start_scheduler(burst, logging_level)
+        self._install_signal_handlers()
+        monitor = threading.Thread(target=self._monitor, name="worker-monitor", daemon=True)
+        monitor.start()
+        self.log.info("Worker %s: running up to %d tasks at once", self.name, self.concurrency)
+        started = 0
+        pause = 1.0
         try:
-            super().execute_job(job, queue)
+            while not self._stop_requested:
+                try:
+                    self.check_for_suspension(burst)
+                    if self.should_run_maintenance_tasks:
+                        self.run_maintenance_tasks()
+                    if not self._free.acquire(timeout=DEQUEUE_WAIT):
+                        continue
+                    try:
+                        result = self._dequeue(burst)
+                    except BaseException:
+                        self._free.release()
+                        raise
+                    pause = 1.0
+                    if result is None:
+                        self._free.release()
+                        if burst and not self.running_count():
+                            break
+                        if burst:
+                            time.sleep(0.05)
+                        continue
+                    self.execute_job(*result)
+                    started += 1
+                except StopRequested:
+                    break
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    self.log.warning("Worker %s: Redis unavailable (%s); trying again in %.0f s", self.name, exc, pause)
+                    time.sleep(pause)
+                    pause = min(pause * 2, self.max_connection_wait_time)
         finally:
-            self._running = None
+            if not self._cold:
+                self._wait_for_running(None if (burst and not self._stop_requested) else self.grace + HARD_STOP_MARGIN)
+            self._stopped.set()
+            monitor.join(5)
+            with contextlib.suppress(RedisError):
+                self.teardown()
+        return bool(started)
 
-    def main_work_horse(self, job, queue):
-        db.engine.dispose(close=False)
-        drain.reset()
-        super().main_work_horse(job, queue)
-
-    def setup_work_horse_signals(self):
-        super().setup_work_horse_signals()
-        signal.signal(DRAIN_SIGNAL, lambda *_: drain.request(self.grace))
-
-    def fork_work_horse(self, job, queue):
-        super().fork_work_horse(job, queue)
-        if self._draining:  # SIGTERM came between taking the job and forking its horse
-            self._drain_horse(self.horse_pid)
-
-    def handle_warm_shutdown_request(self):
-        super().handle_warm_shutdown_request()
-        self._draining = True
-        if self.horse_pid:
-            self._drain_horse(self.horse_pid)
-
-    def _drain_horse(self, pid: int) -> None:
-        """Tell the horse to finish or hand back within the grace period; kill it a bit after."""
-        self.log.info("Worker %s: asking horse %s to finish or hand back within %.0f s", self.name, pid, self.grace)
+    def _dequeue(self, burst: bool) -> tuple[Job, Queue] | None:
         try:
-            # A horse too young to have its handler dies of the signal: the killed handler
-            # then hands its task back, refunded, which is what draining would do anyway.
-            os.kill(pid, DRAIN_SIGNAL)
-        except ProcessLookupError:
-            return
-        timer = threading.Timer(self.grace + HARD_STOP_MARGIN, self._hard_stop, args=(pid,))
-        timer.daemon = True
-        timer.start()
+            result = self.queue_class.dequeue_any(
+                self._ordered_queues,
+                None if burst else DEQUEUE_WAIT,
+                connection=self.connection,
+                job_class=self.job_class,
+                serializer=self.serializer,
+                death_penalty_class=self.death_penalty_class,
+            )
+        except DequeueTimeout:
+            return None
+        if result is not None:
+            job, queue = result
+            self.reorder_queues(reference_queue=queue)
+            job.redis_server_version = self.get_redis_server_version()
+            self.log.debug("Worker %s: %s: %s", self.name, queue.name, job.id)
+        return result
 
-    def _hard_stop(self, pid: int) -> None:
-        """Kill a horse that outlived the grace period; the killed handler hands its task back."""
-        if self.horse_pid == pid:
-            self.log.warning("Worker %s: horse %s still running after the grace period; stopping it", self.name, pid)
-            self.kill_horse()
+    def running_count(self) -> int:
+        with self._lock:
+            return len(self._running)
 
-    def request_force_stop(self, signum, frame):
-        """Cold shutdown (a second SIGTERM, or Ctrl+C twice): kill the horse, hand its task back, exit."""
-        if self._shutdown_requested_date and now() - self._shutdown_requested_date < timedelta(seconds=1):
-            return  # the same signal delivered twice (worker pools do that)
-        self.log.warning("Worker %s: cold shut down", self.name)
-        job = self._running
-        if self.horse_pid:
-            self.kill_horse()
-            self.wait_for_horse()
-        if job is not None:
-            self._release(job, shutdown=True)
-        raise SystemExit()
+    # --- one job ----------------------------------------------------------------------------
 
-    def _horse_died(self, job, retpid, ret_val, rusage) -> None:
-        self._release(job, shutdown=self._draining)
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Start the job in a thread of its own (a free slot was taken for it)."""
+        execution = self.prepare_execution(job)
+        thread = threading.Thread(target=self._run_job, args=(job, queue, execution), name=f"job-{job.id}", daemon=True)
+        with self._lock:
+            self._running[execution.id] = (job, queue, execution, thread)
+        thread.start()
 
-    def _release(self, job, shutdown: bool) -> None:
-        """Hand back the task of a job whose horse is gone (refunded if we were shutting down)."""
+    def _run_job(self, job: Job, queue: Queue, execution) -> None:
+        finished = False
+        try:
+            with self.app.app_context():
+                try:
+                    # RQ's own path: started registry, time limit, success/failure and registries.
+                    self.perform_job(job, queue, execution)
+                    finished = True
+                finally:
+                    db.session.remove()
+        except BaseException:
+            self.log.exception("Worker %s: the thread running job %s died", self.name, job.id)
+        finally:
+            if not finished and not self._cold:
+                self._hand_back(job, shutdown=self._stop_requested)
+                self._forget_execution(job, execution)
+            with self._lock:
+                self._running.pop(execution.id, None)
+                idle = not self._running
+            self._free.release()
+            if idle:
+                with contextlib.suppress(RedisError):
+                    self.set_state(WorkerStatus.IDLE)
+
+    def _forget_execution(self, job: Job, execution) -> None:
+        """Take an execution that will not end normally out of RQ's started registry; the job failed."""
+        try:
+            with self.connection.pipeline() as pipeline:
+                job.set_status(JobStatus.FAILED, pipeline=pipeline)
+                self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+                pipeline.execute()
+        except RedisError:
+            self.log.warning("Worker %s: could not clear job %s from RQ's registries", self.name, job.id)
+
+    def _hand_back(self, job: Job, shutdown: bool) -> None:
+        """Hand back the task of a job that will not finish (refunded if we are shutting down)."""
         if job.func_name != TASK_FUNCTION or not job.args:
             return
         task_id = int(job.args[0])
         if shutdown:
             kind, reason = "shutdown", "The worker running this task shut down."
         else:
-            kind, reason = "worker_lost", "The worker running this task died."
-        try:
-            status = progress.with_database(lambda: progress.release(task_id, job.id, kind, reason, refund=shutdown))
-        except Exception:
-            db.session.rollback()
-            self.log.exception("Worker %s: could not hand back task %s; the sweeper will", self.name, task_id)
-            return
-        finally:
-            db.session.remove()
-        events.released(task_id, job.id, f"{kind}: work-horse ended without finishing", status)
+            kind, reason = "worker_lost", "The worker thread running this task died."
+        with self.app.app_context():
+            try:
+                status = progress.with_database(
+                    lambda: progress.release(task_id, job.id, kind, reason, refund=shutdown), seconds=5
+                )
+            except Exception:
+                db.session.rollback()
+                self.log.exception("Worker %s: could not hand back task %s; the sweeper will", self.name, task_id)
+                return
+            finally:
+                db.session.remove()
+            if status is not None:
+                events.released(task_id, job.id, f"{kind}: attempt ended without finishing", status)
+
+    # --- heartbeats and time limits ------------------------------------------------------------
+
+    def _monitor(self) -> None:
+        """Keep RQ's heartbeats up for the worker and every running job; enforce time limits."""
+        beat = 0.0
+        interval = min(self.job_monitoring_interval, 10)
+        while not self._stopped.wait(1):
+            watchdog.check()
+            if time.monotonic() - beat < interval:
+                continue
+            beat = time.monotonic()
+            try:
+                self._heartbeats()
+            except RedisError as exc:
+                self.log.warning("Worker %s: heartbeat failed (%s)", self.name, exc)
+
+    def _heartbeats(self) -> None:
+        """One pipeline: the worker's heartbeat, and each running job's and execution's."""
+        with self._lock:
+            running = list(self._running.values())
+        worker_ttl = self.worker_ttl + 60
+        with self.connection.pipeline() as pipeline:
+            self.heartbeat(worker_ttl, pipeline=pipeline)
+            for job, _queue, execution, _thread in running:
+                working = (now() - job.started_at).total_seconds() if job.started_at else 0.0
+                ttl = int(self.get_heartbeat_ttl(job, working_time=working))
+                execution.heartbeat(job.started_job_registry, ttl, pipeline=pipeline)
+                job.heartbeat(now(), ttl, pipeline=pipeline, xx=True)
+            results = pipeline.execute()
+            if results[0] == 1:  # Redis lost the worker (restarted empty): register it again
+                pipeline.hset(self.key, mapping=self.serialize())
+                pipeline.expire(self.key, worker_ttl)
+                worker_registration.register(self, pipeline)
+                pipeline.execute()
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    def request_stop(self, signum, frame) -> None:
+        """Warm shutdown: take no new job; running attempts finish or hand back within the grace period."""
+        self._shutdown_requested_date = now()
+        signal.signal(signal.SIGINT, self.request_force_stop)
+        signal.signal(signal.SIGTERM, self.request_force_stop)
+        self.log.info(
+            "Worker %s: stopping; %d running tasks finish or hand back within %.0f s",
+            self.name,
+            self.running_count(),
+            self.grace,
+        )
+        self._stop_requested = True
+        drain.request(self.grace)
+        with contextlib.suppress(RedisError):
+            self.set_shutdown_requested_date()
+
+    def request_force_stop(self, signum, frame) -> None:
+        """Cold shutdown (a second SIGTERM, or Ctrl+C twice): hand back every running task now, exit."""
+        if self._shutdown_requested_date and now() - self._shutdown_requested_date < timedelta(seconds=1):
+            return  # the same signal delivered twice (process groups do that)
+        self.log.warning("Worker %s: cold shut down", self.name)
+        self._cold = True
+        self._stop_requested = True
+        self._abandon_running()
+        raise SystemExit()
+
+    def _wait_for_running(self, seconds: float | None) -> None:
+        """Wait for the running jobs to end (up to `seconds`), then hand back what is left."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while self.running_count() and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.05)
+        if self.running_count():
+            self.log.warning("Worker %s: tasks still running after the grace period; handing them back", self.name)
+            self._cold = True
+            self._abandon_running()
+
+    def _abandon_running(self) -> None:
+        with self._lock:
+            running = list(self._running.values())
+        for job, _queue, execution, _thread in running:
+            self._hand_back(job, shutdown=True)
+            self._forget_execution(job, execution)
 
 
-def make_worker(queues: Sequence[str], name: str | None = None) -> TaskWorker:
+def make_worker(queues: Sequence[str], name: str | None = None, concurrency: int | None = None) -> TaskWorker:
     """Return a worker on `queues`, in order of preference, for the current app."""
-    config = current_app.config
-    warm_clients(catalog())
-    # A connection of its own without a read timeout: dequeueing blocks on BLPOP for minutes.
-    connection = Redis.from_url(config["REDIS_URL"], socket_connect_timeout=5)
+    app = current_app._get_current_object()
+    config = app.config
+    concurrency = concurrency or int(config["WORKER_CONCURRENCY"])
+    warm_clients(catalog(), pool_size=concurrency)
+    # A connection of its own without a read timeout (RQ sets one longer than its waits); the
+    # pool is shared by the loop, the monitor and the job threads' bookkeeping, and bounded.
+    pool = BlockingConnectionPool.from_url(
+        config["REDIS_URL"], socket_connect_timeout=5, max_connections=min(concurrency, 50) + 5, timeout=30
+    )
     return TaskWorker(
         list(queues),
         name=name,
-        connection=connection,
+        connection=Redis(connection_pool=pool),
         serializer=JSONSerializer,
+        app=app,
+        concurrency=concurrency,
         grace=float(config["SHUTDOWN_GRACE_SECONDS"]),
         # RQ's own registry upkeep (abandoned jobs, stale workers): every minute, not ten.
         maintenance_interval=60,
     )
 
 
-def run_worker(queues: Sequence[str], name: str | None = None, burst: bool = False) -> None:
-    """Run a worker until it is asked to stop, starting RQ's loop again if Redis drops it."""
+def run_worker(
+    queues: Sequence[str], name: str | None = None, burst: bool = False, concurrency: int | None = None
+) -> None:
+    """Run a worker until it is asked to stop; wait for Redis if it is not there yet."""
     level = current_app.config["LOG_LEVEL"]
-    stop = threading.Event()
     pause = 1.0
-    generation = 0
     while True:
-        worker_name = name if not (name and generation) else f"{name}-{generation}"
-        started = time.monotonic()
         try:
-            worker = make_worker(queues, name=worker_name)
+            worker = make_worker(queues, name=name, concurrency=concurrency)
             worker.work(burst=burst, with_scheduler=True, logging_level=level)
-        except RedisError as exc:
-            log.warning("worker: Redis unavailable (%s)", exc)
-            worker = None
-        if burst or stop.is_set() or (worker is not None and worker._shutdown_requested_date is not None):
             return
-        # RQ's loop ended without a stop request: Redis went away. Wait, then start again.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-        if time.monotonic() - started > 60:
-            pause = 1.0  # it had been working: this is a new outage
-        log.warning("worker: RQ's loop ended; starting again in %.0f s", pause)
-        if stop.wait(pause):
-            return
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("worker: Redis unavailable at start (%s); trying again in %.0f s", exc, pause)
+        time.sleep(pause)
         pause = min(pause * 2, 10.0)
-        generation += 1

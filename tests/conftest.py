@@ -55,6 +55,24 @@ default_max_tokens = 64
 timeout = 10
 read_timeout = 2
 
+[models.fake-wide]
+base_url = "{fake_provider.url}"
+upstream = "fake-wide"
+default_max_tokens = 64
+concurrency = 100
+
+[models.fake-narrow]
+base_url = "{fake_provider.url}"
+upstream = "fake-narrow"
+default_max_tokens = 64
+concurrency = 3
+
+[models.fake-rpm]
+base_url = "{fake_provider.url}"
+upstream = "fake-rpm"
+default_max_tokens = 64
+rpm = 2
+
 [models.fake-small]
 base_url = "{fake_provider.url}"
 upstream = "fake-2"

@@ -16,7 +16,8 @@ when the steps run out the default answer comes back. A step is a dict:
 A prompt may also carry its default behaviour itself, for tests that run the provider in
 another process: a first line `#fake {"chunks": 20, "delay": 0.1}` (chunks may be a count).
 Every call is recorded in `calls`; `GET /_calls` answers {prompt: number of calls} (for tests
-that run it in another process). Run it alone with `python -m tests.fake_provider PORT` (0 picks
+that run it in another process). `max_in_flight` (and `GET /_in_flight`) is the most calls it
+answered at once, per model. Run it alone with `python -m tests.fake_provider PORT` (0 picks
 a free port; the first line printed is its URL).
 """
 
@@ -51,9 +52,11 @@ class FakeProvider:
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.scripts: dict[str, deque] = defaultdict(deque)
         self.calls: list[Call] = []
+        # Streams being answered now, and the most at once, per upstream model name.
+        self.in_flight: dict[str, int] = defaultdict(int)
+        self.max_in_flight: dict[str, int] = defaultdict(int)
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer((host, port), _handler(self))
-        self.server.daemon_threads = True
+        self.server = _Server((host, port), _handler(self))
         self.thread = threading.Thread(target=self.server.serve_forever, name="fake-provider", daemon=True)
 
     @property
@@ -77,6 +80,13 @@ class FakeProvider:
         with self.lock:
             self.scripts.clear()
             self.calls.clear()
+            self.in_flight.clear()
+            self.max_in_flight.clear()
+
+    def _streaming(self, model: str, delta: int) -> None:
+        with self.lock:
+            self.in_flight[model] += delta
+            self.max_in_flight[model] = max(self.max_in_flight[model], self.in_flight[model])
 
     def calls_for(self, prompt: str) -> list[Call]:
         with self.lock:
@@ -92,6 +102,18 @@ class FakeProvider:
         return {}
 
 
+class _Server(ThreadingHTTPServer):
+    """A thread per connection, and a listen backlog for a thousand clients connecting at once."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that went away (a kept-alive connection closed, a killed worker)
+        super().handle_error(request, client_address)
+
+
 def default_answer(prompt: str) -> list[str]:
     words = f"Echo: {prompt}".split(" ")
     return [word + " " for word in words[:-1]] + [words[-1]]
@@ -105,7 +127,10 @@ def _handler(provider: FakeProvider):
             pass
 
         def do_GET(self):
-            if self.path == "/_calls":
+            if self.path == "/_in_flight":
+                with provider.lock:
+                    self._json(200, {"now": dict(provider.in_flight), "max": dict(provider.max_in_flight)})
+            elif self.path == "/_calls":
                 with provider.lock:
                     counts: dict[str, int] = {}
                     for call in provider.calls:
@@ -133,10 +158,14 @@ def _handler(provider: FakeProvider):
             with provider.lock:
                 provider.calls.append(call)
             step = provider._next_step(prompt)
+            provider._streaming(call.model, 1)
             try:
                 self._respond(call, body, step)
             except (BrokenPipeError, ConnectionResetError):
                 call.disconnected = True
+                self.close_connection = True
+            finally:
+                provider._streaming(call.model, -1)
 
         def _respond(self, call: Call, body: dict, step: dict) -> None:
             if "storm" in step:
@@ -158,37 +187,45 @@ def _handler(provider: FakeProvider):
             if not body.get("stream"):
                 call.outcome = "complete"
                 return self._json(200, _completion("".join(chunks), len(chunks)))
+            # HTTP/1.1 with chunked transfer, the connection kept open for the next call, as
+            # real providers do.
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
+            self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            self.close_connection = True
             if "hang" in step:
                 call.outcome = "hang"
+                self.close_connection = True  # the client has given up by the time it ends
                 self.wfile.flush()
                 time.sleep(step["hang"])
                 return
             if step.get("malformed"):
                 call.outcome = "malformed"
-                self._event("{not json")
+                self._event(b"{not json")
+                self._end()
                 return
             delay = step.get("delay", 0)
             for piece in chunks:
                 if delay:
                     time.sleep(delay)
-                self._event(json.dumps(_chunk(piece)))
+                self._event(_piece_event(piece))
                 call.chunks_sent += 1
-            self._event(json.dumps(_chunk(None, finish="stop")))
+            self._event(json.dumps(_chunk(None, finish="stop")).encode())
             if step.get("usage", True):
                 usage = {"prompt_tokens": len(call.prompt.split()), "completion_tokens": len(chunks)}
-                self._event(json.dumps({**_chunk(None), "usage": usage}))
-            self._event("[DONE]")
+                self._event(json.dumps({**_chunk(None), "usage": usage}).encode())
+            self._event(b"[DONE]")
+            self._end()
             call.outcome = "complete"
 
-        def _event(self, data: str) -> None:
-            self.wfile.write(f"data: {data}\n\n".encode())
-            self.wfile.flush()
+        def _event(self, data: bytes) -> None:
+            """Send one server-sent event as one HTTP chunk (one write)."""
+            event = b"data: " + data + b"\n\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+
+        def _end(self) -> None:
+            self.wfile.write(b"0\r\n\r\n")
 
         def _json(self, status: int, payload: dict, headers: dict | None = None) -> None:
             data = json.dumps(payload).encode()
@@ -214,6 +251,17 @@ def _storm(step: dict) -> dict:
                 return {"hang": step.get("hang_seconds", 20)}
             return {"status": int(fate), "retry_after": step.get("retry_after") if fate == "429" else None}
     return {key: value for key, value in step.items() if key not in ("storm", "retry_after", "hang_seconds")}
+
+
+_PIECE_EVENT = (
+    '{"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": %d, "model": "fake", '
+    '"choices": [{"index": 0, "delta": {"content": %s}, "finish_reason": null}]}'
+)
+
+
+def _piece_event(content: str) -> bytes:
+    """The JSON of a chunk carrying `content`: `_chunk(content)` encoded, made cheaply (the bulk of a stream)."""
+    return (_PIECE_EVENT % (int(time.time()), json.dumps(content))).encode()
 
 
 def _chunk(content: str | None, finish: str | None = None) -> dict:

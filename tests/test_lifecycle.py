@@ -12,6 +12,7 @@ from rq.serializers import JSONSerializer
 
 from jobs import progress
 from jobs.run_task import TaskAttemptError, backoff_delay, run_task
+from jobs.tracker import Entry, Tracker
 from tests.conftest import redis_conn, task_row, work
 from webapp.extensions import db
 from webapp.models import Task, utcnow
@@ -68,7 +69,12 @@ def test_a_stale_attempt_cannot_overwrite(app, api):
         db.session.commit()
         second = progress.claim(task["id"])
         assert second.attempt == 2
-        assert progress.report(first, "stale text", 50) is False
+        # The batch writer of running attempts is fenced too: the stale attempt is told it lost the task.
+        stale, fresh = Entry(first, budget=10, pieces=["stale text"]), Entry(second, budget=10)
+        tracker = Tracker(app)  # not started: ticked by hand
+        tracker.entries = {0: stale, 1: fresh}
+        tracker.tick()
+        assert stale.lost.is_set() and not fresh.lost.is_set()
         assert progress.complete(first, "stale answer", 1, 1) is False
         assert progress.fail(first, "x", "stale failure") is False
         assert progress.complete(second, "fresh answer", 1, 2) is True

@@ -28,8 +28,11 @@ class ModelSpec(BaseModel):
     max_tokens: int = Field(default=1024, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.7, ge=0, le=2)
-    # Calls to this model in flight at once, across all workers.
-    concurrency: int = Field(default=4, ge=1)
+    # Calls to this model in flight at once, and requests and tokens per minute, across all
+    # workers (jobs/limits.py); None for no per-minute limit.
+    concurrency: int = Field(default=16, ge=1)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
     # Seconds for the whole answer, and seconds of silence before the stream counts as stalled.
     timeout: float = Field(default=120, gt=0)
     read_timeout: float = Field(default=30, gt=0)

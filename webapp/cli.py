@@ -67,9 +67,15 @@ def create_token(name: str, label: str) -> None:
 @click.command("worker")
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty.")
 @click.option("--name", default=None, help="Worker name (default: random).")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Tasks run at once, each in a thread (default: WORKER_CONCURRENCY, 32).",
+)
 @click.argument("queues", nargs=-1)
 @with_appcontext
-def worker(burst: bool, name: str | None, queues: tuple[str, ...]) -> None:
+def worker(burst: bool, name: str | None, concurrency: int | None, queues: tuple[str, ...]) -> None:
     """Run a worker on QUEUES (default: high default low, in that order)."""
     from jobs.worker import run_worker
 
@@ -77,7 +83,7 @@ def worker(burst: bool, name: str | None, queues: tuple[str, ...]) -> None:
     unknown = set(queues) - set(QUEUE_NAMES)
     if unknown:
         raise click.BadParameter(f"unknown queue(s) {', '.join(sorted(unknown))}; use {', '.join(QUEUE_NAMES)}")
-    run_worker(queues or QUEUE_NAMES, name=name, burst=burst)
+    run_worker(queues or QUEUE_NAMES, name=name, burst=burst, concurrency=concurrency)
 
 
 @click.command("sweep")

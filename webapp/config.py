@@ -58,6 +58,8 @@ class Config:
     BREAKER_FAILURES = 5
     BREAKER_OPEN_SECONDS = 15.0
     BREAKER_MAX_OPEN_SECONDS = 120.0
+    # Tasks one worker process runs at once, each in a thread of its own (`flask worker --concurrency`).
+    WORKER_CONCURRENCY = 32
     # On SIGTERM a worker finishes what it runs within this many seconds or hands it back.
     SHUTDOWN_GRACE_SECONDS = 40.0
     # How long a worker keeps retrying a database write (claim, final answer) while the
@@ -98,8 +100,9 @@ class Config:
     LOG_LEVEL = "INFO"
 
     # pool_size covers a web process's threads (`make run`: 8), so a busy process keeps its
-    # connections instead of opening and closing overflow ones (a PostgreSQL backend each).
-    SQLALCHEMY_ENGINE_OPTIONS: dict = {"pool_size": 10}
+    # connections instead of opening and closing overflow ones (a PostgreSQL backend each); a
+    # worker's threads share it too, for their claims and final writes, with 20 more under load.
+    SQLALCHEMY_ENGINE_OPTIONS: dict = {"pool_size": 10, "max_overflow": 20}
     # A pooled connection idle this long is checked with a round trip before use (a restart or
     # an idle timeout may have cut it); one used more recently is not. 0 checks every time.
     DATABASE_PING_AFTER_IDLE = 1.0

@@ -59,7 +59,11 @@ COUNTERS = {
         Spec("atr_tokens", "Tokens used by completed tasks.", ("model", "type")),
         Spec("atr_tasks_deferred", "Jobs deferred unclaimed because the model's circuit breaker was open.", ("model",)),
         Spec("atr_tasks_handed_back", "Attempts handed back unfinished by a worker shutting down.", ("model",)),
-        Spec("atr_tasks_released", "Tasks taken back at once after their work-horse died.", ()),
+        Spec(
+            "atr_tasks_released",
+            "Tasks taken back at once from an attempt that could not finish (thread died, worker stopped).",
+            (),
+        ),
         Spec("atr_circuit_opened", "Times a model's circuit breaker opened.", ("model",)),
     )
 }

@@ -6,7 +6,8 @@
 - Redis: a redis-server of its own on a free port, to FLUSHALL, kill and start empty.
 - the fake provider in a process of its own (`python -m tests.fake_provider 0`), counting calls.
 - the app under gunicorn, `flask worker` processes (each in a session of its own, so a "whole
-  worker" can be killed as a process group) and the `flask scheduler` (the sweeper).
+  worker", with the RQ scheduler it may have forked, can be killed as a process group) and the
+  `flask scheduler` (the sweeper).
 
 Measurements do not use the code under test: an audit trigger records every status change of
 every task (duplicate final writes), and a monitor thread samples, with plain SQL and raw Redis
@@ -54,6 +55,9 @@ FAULT_SETTINGS = {
     "BREAKER_MAX_OPEN_SECONDS": "8",
     "DB_RETRY_SECONDS": "60",
     "TASK_MAX_ATTEMPTS": "3",
+    # Four tasks at once per worker process: a kill -9 takes down at most four attempts, and
+    # several workers share every batch.
+    "WORKER_CONCURRENCY": "4",
 }
 
 AUDIT_SQL = """
@@ -363,8 +367,13 @@ read_timeout = 2
     def start_worker(self) -> subprocess.Popen:
         name = f"w-{uuid.uuid4().hex[:6]}"
         worker = self._spawn(name, [sys.executable, "-m", "flask", "--app", "wsgi", "worker", "--name", name])
+        worker.name = name  # type: ignore[attr-defined]
         self.workers.append(worker)
         return worker
+
+    def running(self, worker: subprocess.Popen) -> int:
+        """Return how many jobs a worker is running now (its executions in RQ's registry)."""
+        return self.redis.client().scard(f"rq:worker:{worker.name}:executions")
 
     def live_workers(self) -> list[subprocess.Popen]:
         return [w for w in self.workers if w.poll() is None]
@@ -465,15 +474,6 @@ def children(pid: int) -> list[int]:
         with _gone(), open(path) as handle:
             found.extend(int(p) for p in handle.read().split())
     return found
-
-
-def horse_of(worker_pid: int) -> int | None:
-    """Return the pid of a worker's work-horse: the child that leads its own process group."""
-    for child in children(worker_pid):
-        with _gone():
-            if os.getpgid(child) == child:
-                return child
-    return None
 
 
 class _gone:
