@@ -33,7 +33,7 @@ browser:
 test: install-dev browser
 	$(PY) -m pytest
 
-# The fault suite (README "Reliability"): kills workers, Redis and PostgreSQL; ~15 minutes.
+# The fault suite (README "Reliability"): kills workers, Redis and PostgreSQL; about 7 minutes on 2 cores.
 test-faults: install-dev
 	$(PY) -m pytest -m faults tests/faults -p no:cacheprovider
 
