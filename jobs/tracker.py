@@ -6,7 +6,7 @@ and progress of every attempt that received something since its last write, and 
 lease of every attempt whose lease is a third spent:
 
     UPDATE tasks SET result = …, progress = …, lease_expires_at = …
-    FROM (VALUES (id, attempt, text, progress), …) AS v
+    FROM unnest(:ids, :attempts, :texts, …) AS v
     WHERE tasks.id = v.id AND tasks.attempts = v.attempt AND tasks.status = 'PROCESSING'
     RETURNING tasks.id
 
@@ -38,19 +38,25 @@ from .progress import Claim
 
 log = logging.getLogger(__name__)
 
-# Rows per statement: keeps each statement's parameters well under PostgreSQL's limit.
+# Rows per statement (and per transaction, holding their row locks).
 BATCH_ROWS = 500
 
-_UPDATE = """
+# One statement, compiled once: the rows travel as arrays, one per column.
+_UPDATE = text(
+    """
 UPDATE tasks SET
     result = CASE WHEN v.has_text THEN v.text ELSE tasks.result END,
     progress = CASE WHEN v.has_text THEN v.progress ELSE tasks.progress END,
     lease_expires_at = :lease,
     updated_at = :now
-FROM (VALUES {rows}) AS v(id, attempt, has_text, text, progress)
+FROM unnest(
+    CAST(:ids AS integer[]), CAST(:attempts AS integer[]), CAST(:has_text AS boolean[]),
+    CAST(:texts AS text[]), CAST(:progress AS integer[])
+) AS v(id, attempt, has_text, text, progress)
 WHERE tasks.id = v.id AND tasks.attempts = v.attempt AND tasks.status = 'PROCESSING'
 RETURNING tasks.id
 """
+).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("lease", type_=UTCDateTime()))
 
 
 @dataclass(eq=False)
@@ -152,19 +158,10 @@ class Tracker:
                 entry.lost.set()
 
     def _write_postgresql(self, rows: list, stamp: datetime, lease: datetime) -> set[int]:
-        """One UPDATE … FROM (VALUES …) for every row."""
-        params: dict = {"now": stamp, "lease": lease}
-        values = []
-        for i, (_, task_id, attempt, grown, text_so_far, share, _) in enumerate(rows):
-            values.append(
-                f"(CAST(:i{i} AS integer), CAST(:a{i} AS integer), CAST(:h{i} AS boolean),"
-                f" CAST(:t{i} AS text), CAST(:p{i} AS integer))"
-            )
-            params.update({f"i{i}": task_id, f"a{i}": attempt, f"h{i}": grown, f"t{i}": text_so_far, f"p{i}": share})
-        statement = text(_UPDATE.format(rows=", ".join(values))).bindparams(
-            bindparam("now", type_=UTCDateTime()), bindparam("lease", type_=UTCDateTime())
-        )
-        return set(db.session.execute(statement, params).scalars())
+        """One UPDATE … FROM unnest(…) for every row."""
+        columns = list(zip(*(row[1:6] for row in rows), strict=True))
+        params = dict(zip(("ids", "attempts", "has_text", "texts", "progress"), map(list, columns), strict=True))
+        return set(db.session.execute(_UPDATE, {**params, "now": stamp, "lease": lease}).scalars())
 
     def _write_each(self, rows: list, stamp: datetime, lease: datetime) -> set[int]:
         """The same, a fenced UPDATE per row in one transaction (SQLite, the embedded setup)."""

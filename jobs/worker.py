@@ -63,6 +63,8 @@ HARD_STOP_MARGIN = 5.0
 TASK_FUNCTION = "jobs.run_task.run_task"
 # Seconds the loop waits on Redis for a job before it looks at stop requests again.
 DEQUEUE_WAIT = 1
+# Seconds between two looks at `rq suspend`.
+SUSPENSION_CHECK = 1.0
 
 
 class Watchdog:
@@ -137,10 +139,14 @@ class TaskWorker(BaseWorker):
         self.log.info("Worker %s: running up to %d tasks at once", self.name, self.concurrency)
         started = 0
         pause = 1.0
+        checked = 0.0
         try:
             while not self._stop_requested:
                 try:
-                    self.check_for_suspension(burst)
+                    # `rq suspend` is seen within a second (not a Redis round trip per job).
+                    if time.monotonic() - checked >= SUSPENSION_CHECK:
+                        self.check_for_suspension(burst)
+                        checked = time.monotonic()
                     if self.should_run_maintenance_tasks:
                         self.run_maintenance_tasks()
                     if not self._free.acquire(timeout=DEQUEUE_WAIT):
