@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 from jobs import progress
@@ -108,8 +109,15 @@ def test_only_one_sweeper_at_a_time(app, api):
         assert connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_LOCK})
         with app.app_context():
             assert sweep().skipped
-    other.dispose()  # the holder's session ended: PostgreSQL released its lock
+    other.dispose()  # the holder's session ends: PostgreSQL releases its lock as its backend exits
     with app.app_context():
+        # The backend exits just after the socket closes; wait (bounded) until its lock is gone.
+        held = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = :key AND granted")
+        deadline = time.monotonic() + 10
+        while db.session.scalar(held, {"key": ADVISORY_LOCK}) and time.monotonic() < deadline:
+            db.session.rollback()
+            time.sleep(0.05)
+        db.session.rollback()
         assert not sweep().skipped
         assert not sweep().skipped  # and we released ours
 
