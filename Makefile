@@ -37,10 +37,9 @@ test: install-dev browser
 test-faults: install-dev
 	$(PY) -m pytest -m faults tests/faults -p no:cacheprovider
 
-# Benchmarks (README "Performance"), one after another, ~10 minutes. They use the database
+# Benchmarks (README "Performance"), one after another, ~7-10 minutes. They use the database
 # BENCH_DATABASE_URL (default postgresql://root@127.0.0.1:5432/atr_bench, emptied and reseeded)
-# and Redis BENCH_REDIS_URL (default db 13, flushed). A benchmark whose module is not in this
-# checkout is skipped with a message.
+# and Redis BENCH_REDIS_URL (default db 13, flushed).
 BENCHES := submit_load in_flight overhead reads memory
 
 wrk:
