@@ -42,6 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import worker_registration
 from rq.exceptions import DequeueTimeout, StopRequested
 from rq.job import Job, JobStatus
+from rq.job_lifecycle import call_exception_handlers
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
@@ -54,6 +55,7 @@ from webapp.extensions import db
 from . import events, progress
 from . import run_task as _run_task  # noqa: F401 (loaded before the first job)
 from .provider import warm_clients
+from .run_task import TaskAttemptError
 from .shutdown import drain
 
 log = logging.getLogger(__name__)
@@ -203,6 +205,20 @@ class TaskWorker(BaseWorker):
     def running_count(self) -> int:
         with self._lock:
             return len(self._running)
+
+    def handle_exception(self, job: Job, *exc_info) -> None:
+        """Log a failed attempt in one line: the task's own log lines already said why.
+
+        `run_task` raises TaskAttemptError (ids and an error class only) so that RQ files the job
+        as failed; the provider's refusal, the retry or the crash (with its traceback) were logged
+        by `jobs.events` as they happened, so RQ's ERROR line with a traceback of this
+        bookkeeping exception would only be noise. Anything else gets RQ's treatment.
+        """
+        if isinstance(exc_info[1], TaskAttemptError):
+            self.log.info("Worker %s: job %s: attempt failed (%s)", self.name, job.id, exc_info[1])
+            call_exception_handlers(self._exc_handlers, job, *exc_info)
+            return
+        super().handle_exception(job, *exc_info)
 
     # --- one job ----------------------------------------------------------------------------
 

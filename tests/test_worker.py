@@ -163,6 +163,20 @@ def test_a_killed_worker_tasks_come_back_through_the_sweeper(app, api, fake_prov
         assert row.status == "PENDING" and row.attempts == 1
 
 
+def test_a_refused_attempt_is_one_log_line_not_a_traceback(app, api, fake_provider, caplog):
+    """The provider's refusal is logged by the task's events; RQ's traceback of the bookkeeping error is not."""
+    fake_provider.script("refused outright", {"status": 400})
+    task = api.submit("refused outright")
+    caplog.set_level("INFO")
+    with app.app_context():
+        make_worker(QUEUE_NAMES, concurrency=2).work(burst=True, with_scheduler=False, logging_level="INFO")
+    assert task_row(app, task["id"]).status == "FAILED"
+    assert f"task {task['id']} job " in caplog.text and "failed (invalid_request)" in caplog.text
+    assert "attempt failed (task" in caplog.text
+    assert "Traceback" not in caplog.text and "exception raised while executing" not in caplog.text
+    assert started_jobs() == []
+
+
 def test_a_dead_thread_hands_its_task_back(app, api, monkeypatch, caplog):
     task = api.submit("in a thread that dies")
     perform_job = TaskWorker.perform_job
