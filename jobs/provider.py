@@ -105,6 +105,11 @@ def stream_answer(spec: ModelSpec, prompt: str, params: dict, usage: Usage) -> I
         with _client(spec).chat.completions.with_streaming_response.create(**request) as response:
             done = False
             for line in response.iter_lines():
+                # Checked on every line, so keep-alive comments alone cannot stretch an answer.
+                if time.monotonic() > deadline:
+                    raise ProviderError(
+                        "timeout", f"The answer took longer than the model's {spec.timeout:g} s limit.", True
+                    )
                 if done or not line.startswith("data:"):
                     continue  # blank lines between events, comments, `event:` and `id:` fields
                 data = line[5:].strip()
@@ -112,10 +117,6 @@ def stream_answer(spec: ModelSpec, prompt: str, params: dict, usage: Usage) -> I
                     done = True  # read on to the end of the body (nothing, normally)
                     continue
                 yield from _pieces(json.loads(data), usage)
-                if time.monotonic() > deadline:
-                    raise ProviderError(
-                        "timeout", f"The answer took longer than the model's {spec.timeout:g} s limit.", True
-                    )
     except openai.APIStatusError as exc:
         raise classify_status(exc) from None
     except (openai.APITimeoutError, httpx2.TimeoutException):
