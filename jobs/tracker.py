@@ -120,12 +120,13 @@ class Tracker:
     def tick(self) -> None:
         """Write the text so far and renew the leases of the running attempts that need it."""
         now = time.monotonic()
+        running = self.running()
         due = []
-        for entry in self.running():
+        for entry in running:
             grown = len(entry.pieces) > entry.written
             if grown or now - entry.renewed >= self.lease_seconds / 3:
                 due.append((entry, grown))
-        holds = [entry.hold for entry in self.running() if entry.hold is not None]
+        holds = [entry.hold for entry in running if entry.hold is not None]
         if holds and now - self._slots_renewed >= self.lease_seconds / 3:
             self._slots_renewed = now
             limits().renew(holds)
