@@ -64,8 +64,9 @@ def test_kill_whole_workers_mid_stream(fresh, record):
     started = time.monotonic()
     cluster.start_workers(4)
     cluster.start_monitor()
-    # 2-s answers, four at once per worker: the batch outlasts the 20 kills.
-    prompts = [prompt("kill", i, chunks=20, delay=0.1) for i in range(200)]
+    # 4-s answers, four at once per worker: the batch outlasts the 20 kills (with 2-s answers
+    # it once ended before the last kill, leaving no busy worker to kill).
+    prompts = [prompt("kill", i, chunks=40, delay=0.1) for i in range(200)]
     submitter, outcome = submit_in_background(cluster, prompts, clients=4)
     for _ in range(20):
         worker = busy_worker(cluster)
