@@ -3,7 +3,12 @@
 - a PROCESSING task whose lease expired (its worker died) goes back to PENDING, or to FAILED
   when it has no attempts left;
 - a PENDING task that no queue holds (Redis lost its data, a worker died between taking a job
-  and claiming its task, the process died between commit and enqueue) is enqueued again.
+  and claiming its task, the process died between commit and enqueue) is enqueued again;
+- a delayed job (a retry's backoff, a deferral) still waiting more than SCHEDULER_SLACK after
+  its time is moved onto its queue. RQ's scheduler, running in one worker at a time, does that
+  every second; but a worker killed while running it keeps RQ's scheduler lock for a minute,
+  and the other workers look for the lock only once a minute, so without this pass every
+  deferred task would wait up to two minutes.
 
 "Held" is read from RQ's own structures, all at once per pass: the queue lists and the
 scheduled registries. A job's status field is not enough: a worker killed right after popping
@@ -48,11 +53,14 @@ LOCK_KEY = "atr:sweeper:lock"
 # pg_try_advisory_lock key: any constant the application does not use elsewhere.
 ADVISORY_LOCK = 0x41545253  # "ATRS"
 BATCH = 1000
+# RQ's scheduler moves due jobs every second: one this late has no live scheduler.
+SCHEDULER_SLACK = 5.0
 
 
 @dataclass
 class SweepReport:
     requeued: list[int] = field(default_factory=list)
+    overdue: list[str] = field(default_factory=list)
     reclaimed: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     skipped: bool = False
@@ -62,7 +70,8 @@ class SweepReport:
             return "sweep skipped: another sweeper holds the lock"
         return (
             f"sweep: {len(self.requeued)} re-enqueued, {len(self.reclaimed)} taken back from dead "
-            f"workers, {len(self.failed)} failed with no attempts left"
+            f"workers, {len(self.failed)} failed with no attempts left, {len(self.overdue)} overdue delayed "
+            "jobs moved to their queues"
         )
 
 
@@ -91,9 +100,10 @@ def sweep() -> SweepReport:
             report = SweepReport()
             if time.monotonic() >= _Outage.hold_until:
                 _take_back_expired(report)
+            _release_overdue(report)
             _requeue_orphans(report)
             _forget_idempotency_keys()
-            if report.requeued or report.reclaimed or report.failed:
+            if report.requeued or report.reclaimed or report.failed or report.overdue:
                 log.info("%s", report)
             return report
     except DBAPIError as exc:
@@ -183,6 +193,28 @@ def _take_back_expired(report: SweepReport) -> None:
                 outcome.append(task_id)
             db.session.commit()
     # The reclaimed tasks are PENDING with no job now: the orphan pass enqueues them.
+
+
+def _release_overdue(report: SweepReport) -> None:
+    """Move delayed jobs more than SCHEDULER_SLACK past their time onto their queues.
+
+    Taking a job out of the scheduled registry is the claim on it: if RQ's scheduler (or another
+    sweeper) moved it first, the ZREM finds nothing and the job is left alone.
+    """
+    connection = redis()
+    try:
+        for name in QUEUE_NAMES:
+            queue = get_queue(name, connection)
+            registry = ScheduledJobRegistry(queue=queue, serializer=JSONSerializer)
+            for job_id in registry.get_jobs_to_schedule(int(time.time() - SCHEDULER_SLACK)):
+                if not connection.zrem(registry.key, job_id):
+                    continue
+                job = queue.fetch_job(job_id)
+                if job is not None:  # else the job expired: the orphan pass enqueues its task again
+                    queue.enqueue_job(job)
+                    report.overdue.append(job_id)
+    except RedisError:
+        log.warning("sweeper: Redis unavailable; will retry next pass")
 
 
 def held_job_ids(connection: Redis) -> set[str]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+
+from rq import Queue
+from rq.serializers import JSONSerializer
 
 from jobs import progress
-from jobs.sweeper import ADVISORY_LOCK, sweep
+from jobs.sweeper import ADVISORY_LOCK, SCHEDULER_SLACK, sweep
 from tests.conftest import redis_conn, task_row, work
 from webapp.extensions import db
 from webapp.models import Task, utcnow
@@ -87,6 +90,28 @@ def test_expired_lease_with_no_attempts_left_fails(app, api):
     assert report.failed == [task["id"]]
     done = api.task(task["id"])
     assert done["status"] == "FAILED" and "stopped responding" in done["error"]
+
+
+def test_delayed_jobs_left_by_a_dead_scheduler_are_moved_to_their_queue(app, api, fake_provider):
+    """A killed worker keeps RQ's scheduler lock for a minute; the sweeper moves late delayed jobs."""
+    late, early = api.submit("deferred long ago"), api.submit("deferred just now")
+    connection = redis_conn()
+    queue = Queue("default", connection=connection, serializer=JSONSerializer)
+    registry = queue.scheduled_job_registry
+    connection.delete(queue.key)  # both jobs wait in the scheduled registry instead
+    with app.app_context():
+        for task, due in ((late, time.time() - SCHEDULER_SLACK - 2), (early, time.time() + 30)):
+            job_id = task_row(app, task["id"]).job_id
+            queue.schedule_job(queue.fetch_job(job_id), datetime.fromtimestamp(due, UTC))
+        report = sweep()
+    assert report.overdue == [task_row(app, late["id"]).job_id]
+    assert queue.get_job_ids() == report.overdue
+    assert registry.get_job_ids() == [task_row(app, early["id"]).job_id]
+    work(app, scheduled=False)
+    assert api.task(late["id"])["status"] == "COMPLETED"
+    assert api.task(early["id"])["status"] == "PENDING"
+    with app.app_context():
+        assert sweep().overdue == []  # moved once
 
 
 def test_a_live_lease_is_not_touched(app, api):

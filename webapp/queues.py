@@ -42,7 +42,8 @@ def new_job_id(task_id: int) -> str:
 def enqueue_task(task_id: int, priority: int, job_timeout: int, delay: float = 0, job_id: str | None = None) -> str:
     """Enqueue `jobs.run_task(task_id)` on the queue for `priority`; return the job id.
 
-    With a delay the job waits in RQ's scheduled registry (a worker's scheduler moves it).
+    With a delay the job waits in RQ's scheduled registry (a worker's scheduler moves it; the
+    sweeper moves it if it is overdue, see `jobs.sweeper`).
     """
     queue = get_queue(queue_name(priority))
     job_id = job_id or new_job_id(task_id)
