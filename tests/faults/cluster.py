@@ -60,6 +60,9 @@ FAULT_SETTINGS = {
     "WORKER_CONCURRENCY": "4",
 }
 
+# The longest a task may sit unfinished with nobody holding it, with FAULT_SETTINGS' clocks.
+STUCK_BOUND = 30.0
+
 AUDIT_SQL = """
 CREATE TABLE IF NOT EXISTS fault_audit (
     id bigserial PRIMARY KEY,
@@ -490,8 +493,9 @@ class Monitor(threading.Thread):
     """Samples (four times a second by default) which unfinished tasks nobody holds, and for how long.
 
     Stuck: PROCESSING with its lease not renewed for more than a renewal interval plus a
-    second (its worker is gone), or PENDING, due, and its job on no queue and in no scheduled
-    registry (Redis lost it). Read with plain SQL and raw Redis, not with the sweeper's code.
+    second (its worker is gone), or PENDING, due, and its job on no queue and not waiting its
+    time in a scheduled registry (Redis lost it, or it is overdue there: no scheduler is moving
+    it). Read with plain SQL and raw Redis, not with the sweeper's code.
     A task counts once two samples in a row find it stuck (a job between its pop and its claim
     is on no list for a few milliseconds), measured from the first.
     """
@@ -549,9 +553,11 @@ class Monitor(threading.Thread):
             rows = cur.fetchall()
         redis = self.cluster.redis.client()
         held: set[str] = set()
+        # A delayed job more than two of RQ's scheduler ticks past its time has nobody moving it.
+        scheduled_after = time.time() - 2
         for name in ("high", "default", "low"):
             held.update(j.decode() for j in redis.lrange(f"rq:queue:{name}", 0, -1))
-            held.update(j.decode() for j in redis.zrange(f"rq:scheduled:{name}", 0, -1))
+            held.update(j.decode() for j in redis.zrangebyscore(f"rq:scheduled:{name}", scheduled_after, "+inf"))
         stuck = set()
         for task_id, status, job_id, overdue, due in rows:
             orphaned = status == "PENDING" and due and (job_id is None or job_id not in held)
@@ -640,4 +646,7 @@ def verdict(cluster: Cluster, case: str, outcome: Outcome, started: float, notes
     assert duplicates == 0, f"{duplicates} duplicate final writes"
     assert not over_called, f"tasks called more often than their attempts: {over_called[:10]}"
     assert extra == 0, f"{extra} tasks exist that no client was given"
+    # Liveness, not speed: with the suite's clocks every orphan has a way forward within about
+    # 10 s (a lease, a sweep, the scheduler slack); 30 s leaves room for a loaded machine.
+    assert longest < STUCK_BOUND, f"task {cluster.monitor.longest_task} sat with nobody holding it for {longest:.0f} s"
     return report
