@@ -40,7 +40,7 @@ test-faults: install-dev
 # Benchmarks (README "Performance"), one after another, ~7-10 minutes. They use the database
 # BENCH_DATABASE_URL (default postgresql://root@127.0.0.1:5432/atr_bench, emptied and reseeded)
 # and Redis BENCH_REDIS_URL (default db 13, flushed).
-BENCHES := submit_load in_flight overhead reads memory
+BENCHES := submit_load in_flight overhead limited reads memory
 
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y wrk; }

@@ -152,6 +152,18 @@ def paused(task_id: int, job_id: str, model: str, delay: float, next_job: str | 
     Batch().inc("atr_tasks_deferred", model=model).send()
 
 
+def in_line(task_id: int, job_id: str, model: str) -> None:
+    """The model's calls in flight are at its concurrency: the task waits in its line, unclaimed."""
+    log.info(
+        "task %s job %s: model %s busy (concurrency limit); waiting in line for a free slot",
+        task_id,
+        job_id,
+        model,
+        **_ids(task_id, job_id),
+    )
+    Batch().inc("atr_tasks_waited", model=model).send()
+
+
 def waiting(task: Claim, job_id: str, err: ProviderError, seconds: float) -> None:
     """A short Retry-After: the worker waits it out, then starts the next attempt in place."""
     log.info(

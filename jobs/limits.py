@@ -5,10 +5,17 @@ minute) and `tpm` (tokens per minute). Every worker process, on any machine, ask
 it claims a task for that model; a task refused waits PENDING (deferred, like an open circuit
 breaker), spending no attempt and holding no worker thread.
 
-- **Concurrency** is a semaphore with expiring leases: one sorted set per model whose members
-  are the jobs holding a slot, scored by when their hold expires. The worker renews the holds
-  of its running jobs (with their task leases, `jobs/tracker.py`); a worker that dies stops
-  renewing, and its slots expire after LEASE_SECONDS, so a dead worker never keeps one.
+- **Concurrency** is a semaphore with expiring leases and a waiting line. Slots: one sorted set
+  per model whose members are the jobs holding a slot, scored by when their hold expires; the
+  worker renews the holds of its running jobs (with their task leases, `jobs/tracker.py`), and a
+  worker that dies stops renewing, so its slots expire after LEASE_SECONDS. Line: a task that
+  finds no free slot (or others waiting ahead of it) joins its model's line, a sorted set ordered
+  by priority then submission, and its job ends: no timer, no polling. Whoever frees a slot
+  (a call ending, a refused probe, the sweeper finding slots expired) hands it to the head of the
+  line in the same script, as a reservation (`task-<id>`, expiring after a lease), and enqueues a
+  job for that task at the front of its queue; the task's next acquire takes the reservation.
+  So slots never sit idle while tasks wait, tasks start in order, and a backlog costs one parking
+  and one wake-up per task (`bench/limited.py`).
 - **rpm and tpm** are GCRA (the generic cell rate algorithm: one timestamp per model and limit,
   the "theoretical arrival time"). Requests are spread evenly, one every 60/rpm seconds, with
   bursts of up to a sixth of the per-minute allowance after an idle spell; so any 60-second
@@ -40,21 +47,65 @@ log = logging.getLogger(__name__)
 
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 SLOTS_KEY = "atr:limit:{}:slots"
+LINE_KEY = "atr:limit:{}:line"
 RATE_KEY = "atr:limit:{}:{}"  # model, "rpm" or "tpm"
 # A sixth of a minute's allowance may go at once after an idle spell.
 BURST_SECONDS = 10.0
 
-# KEYS[1] slots (zset), KEYS[2] rpm tat, KEYS[3] tpm tat.
-# ARGV: now, holder, lease seconds, concurrency (0: none), rpm (0: none), tpm (0: none), token cost.
-# Returns {0|1 allowed, seconds to wait, which limit refused}.
-_ACQUIRE = """
+# Shared by the scripts: KEYS[1] slots, KEYS[4] line; ARGV[1] now, ARGV[3] lease, ARGV[4] concurrency.
+# Hands the free slots to the tasks at the head of the line, as reservations; returns their ids.
+_PUMP = """
+local function pump(woken)
+  local concurrency = tonumber(ARGV[4])
+  if concurrency <= 0 then return woken end
+  local now = tonumber(ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  local free = concurrency - redis.call('ZCARD', KEYS[1])
+  while free > 0 do
+    local head = redis.call('ZPOPMIN', KEYS[4])
+    if #head == 0 then break end
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), 'task-' .. head[1])
+    woken[#woken + 1] = head[1]
+    free = free - 1
+  end
+  return woken
+end
+"""
+
+# KEYS[1] slots (zset), KEYS[2] rpm tat, KEYS[3] tpm tat, KEYS[4] line (zset).
+# ARGV: now, holder, lease seconds, concurrency (0: none), rpm (0: none), tpm (0: none), token cost,
+# burst seconds, the task's reservation name, the task id, its place in line (priority, submission).
+# Returns {0|1 allowed, seconds to wait, which limit refused, task ids woken...}; refused by
+# 'concurrency' means the task is in line (wait 0).
+_ACQUIRE = (
+    _PUMP
+    + """
 local now = tonumber(ARGV[1])
 local concurrency = tonumber(ARGV[4])
+local woken = {}
+local reserved = false
 if concurrency > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  if redis.call('ZSCORE', KEYS[1], ARGV[2]) == false and redis.call('ZCARD', KEYS[1]) >= concurrency then
-    return {0, '1', 'concurrency'}
+  if redis.call('ZSCORE', KEYS[1], ARGV[2]) == false then
+    if redis.call('ZSCORE', KEYS[1], ARGV[9]) == false then
+      -- Holding nothing: join the line, and let the line take the free slots in its order.
+      redis.call('ZADD', KEYS[4], 'NX', tonumber(ARGV[11]), ARGV[10])
+      pump(woken)
+      local mine = false
+      for i, id in ipairs(woken) do
+        if id == ARGV[10] then mine = true; table.remove(woken, i); break end
+      end
+      if not mine then return {0, '0', 'concurrency', unpack(woken)} end
+    end
+    reserved = true
   end
+end
+local function refuse(wait, which)
+  if reserved then
+    redis.call('ZREM', KEYS[1], ARGV[9])
+    pump(woken)
+  end
+  return {0, tostring(wait), which, unpack(woken)}
 end
 local function gcra(key, limit, cost)
   local interval = 60 / limit
@@ -70,19 +121,33 @@ local rpm, tpm, cost = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local rpm_tat, tpm_tat
 if rpm > 0 then
   local r = gcra(KEYS[2], rpm, 1)
-  if r > 0 then return {0, tostring(r), 'rpm'} end
+  if r > 0 then return refuse(r, 'rpm') end
   rpm_tat = -r
 end
 if tpm > 0 then
   local r = gcra(KEYS[3], tpm, math.min(cost, tpm))
-  if r > 0 then return {0, tostring(r), 'tpm'} end
+  if r > 0 then return refuse(r, 'tpm') end
   tpm_tat = -r
 end
 if rpm_tat then redis.call('SET', KEYS[2], tostring(rpm_tat), 'EX', 120) end
 if tpm_tat then redis.call('SET', KEYS[3], tostring(tpm_tat), 'EX', 120) end
-if concurrency > 0 then redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2]) end
-return {1, '0', ''}
+if concurrency > 0 then
+  if reserved then redis.call('ZREM', KEYS[1], ARGV[9]) end
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+end
+return {1, '0', '', unpack(woken)}
 """
+)
+
+# KEYS[1] slots, KEYS[4] line (KEYS[2], KEYS[3] unused); ARGV: now, holder to drop ('' for none),
+# lease, concurrency. Frees the holder's slot and hands free slots to the line; returns woken ids.
+_RELEASE = (
+    _PUMP
+    + """
+if ARGV[2] ~= '' then redis.call('ZREM', KEYS[1], ARGV[2]) end
+return pump({})
+"""
+)
 
 # KEYS[1] tpm tat; ARGV: now, tpm, token difference (actual - charged). Moves the arrival time.
 _ADJUST = """
@@ -102,7 +167,8 @@ class Verdict:
 
     allowed: bool
     wait: float = 0.0
-    limit: str = ""
+    limit: str = ""  # "concurrency": the task is in its model's line, and will be woken
+    woken: tuple[int, ...] = ()  # tasks given a slot by this call: enqueue them (`jobs.run_task.wake`)
 
 
 @dataclass
@@ -112,6 +178,7 @@ class Hold:
     model: str
     holder: str
     tokens: int = 0
+    concurrency: int = 0
     slot: bool = False
     tpm: int = 0
     used: int | None = None  # tokens the call reported, once it has
@@ -130,23 +197,42 @@ class Limits:
         self.connection = connection
         self.lease_seconds = lease_seconds
         self._acquire = connection.register_script(_ACQUIRE)
+        self._release = connection.register_script(_RELEASE)
         self._adjust = connection.register_script(_ADJUST)
 
-    def acquire(self, spec: ModelSpec, holder: str, tokens: int) -> tuple[Verdict, Hold | None]:
-        """Ask to start a call of `spec` now, for `holder` (a job id), costing about `tokens`."""
+    @staticmethod
+    def _keys(model: str) -> list[str]:
+        return [
+            SLOTS_KEY.format(model),
+            RATE_KEY.format(model, "rpm"),
+            RATE_KEY.format(model, "tpm"),
+            LINE_KEY.format(model),
+        ]
+
+    def acquire(
+        self, spec: ModelSpec, holder: str, tokens: int, task_id: int, place: int = 0
+    ) -> tuple[Verdict, Hold | None]:
+        """Ask to start a call of `spec` now, for `holder` (a job id) of `task_id`, costing about `tokens`.
+
+        `place` orders the model's line (lower goes first): see `line_place`.
+        """
         if not (spec.concurrency or spec.rpm or spec.tpm):
             return Verdict(True), Hold(spec.name, holder)
-        keys = [SLOTS_KEY.format(spec.name), RATE_KEY.format(spec.name, "rpm"), RATE_KEY.format(spec.name, "tpm")]
         args = [time.time(), holder, self.lease_seconds, spec.concurrency or 0, spec.rpm or 0, spec.tpm or 0]
         try:
-            allowed, wait, which = self._acquire(keys=keys, args=[*args, tokens, BURST_SECONDS])
+            allowed, wait, which, *woken = self._acquire(
+                keys=self._keys(spec.name), args=[*args, tokens, BURST_SECONDS, f"task-{task_id}", task_id, place]
+            )
         except UNREACHABLE:
             log.warning("model limits: Redis unreachable; letting the call through")
             return Verdict(True), Hold(spec.name, holder)
+        woken_ids = tuple(int(task) for task in woken)
         if not int(allowed):
             which = which.decode() if isinstance(which, bytes) else which
-            return Verdict(False, max(float(wait), 0.05), which), None
-        return Verdict(True), Hold(spec.name, holder, tokens, slot=bool(spec.concurrency), tpm=spec.tpm or 0)
+            wait = 0.0 if which == "concurrency" else max(float(wait), 0.05)
+            return Verdict(False, wait, which, woken_ids), None
+        hold = Hold(spec.name, holder, tokens, spec.concurrency or 0, slot=bool(spec.concurrency), tpm=spec.tpm or 0)
+        return Verdict(True, woken=woken_ids), hold
 
     def renew(self, holds: list[Hold]) -> None:
         """Extend the slots of running calls by a lease (one round trip for all of them)."""
@@ -162,24 +248,53 @@ class Limits:
         except UNREACHABLE:
             log.warning("model limits: could not renew %d slots (Redis unreachable)", len(held))
 
-    def release(self, hold: Hold, used_tokens: int | None = None) -> None:
-        """Give the slot back and correct the token charge with what the call really used."""
+    def release(self, hold: Hold, used_tokens: int | None = None) -> tuple[int, ...]:
+        """Give the slot back and correct the token charge with what the call really used.
+
+        Returns the tasks the freed slot went to (the head of the line): enqueue them.
+        """
         if hold.released:
-            return
+            return ()
         hold.released = True
+        woken: tuple[int, ...] = ()
         try:
             if hold.slot:
-                self.connection.zrem(SLOTS_KEY.format(hold.model), hold.holder)
+                woken = self._pump(hold.model, hold.concurrency, hold.holder)
             if hold.tpm and used_tokens is not None and used_tokens != hold.tokens:
                 self._adjust(
                     keys=[RATE_KEY.format(hold.model, "tpm")], args=[time.time(), hold.tpm, used_tokens - hold.tokens]
                 )
         except UNREACHABLE:
             log.warning("model limits: could not release %s's slot (Redis unreachable); it expires", hold.holder)
+        return woken
+
+    def pump(self, spec: ModelSpec) -> tuple[int, ...]:
+        """Hand the model's free slots (expired ones included) to its line; return the tasks woken."""
+        return self._pump(spec.name, spec.concurrency or 0, "")
+
+    def unreserve(self, model: str, concurrency: int, task_id: int) -> tuple[int, ...]:
+        """Take back a woken task's reservation (it is no longer waiting); return the tasks woken instead."""
+        return self._pump(model, concurrency, f"task-{task_id}")
+
+    def _pump(self, model: str, concurrency: int, drop: str) -> tuple[int, ...]:
+        woken = self._release(keys=self._keys(model), args=[time.time(), drop, self.lease_seconds, concurrency])
+        return tuple(int(task) for task in woken)
+
+    def waiting(self, models: list[str]) -> set[int]:
+        """Return the tasks in the lines of these models (the sweeper leaves them alone)."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.zrange(LINE_KEY.format(model), 0, -1)
+            return {int(task) for members in pipe.execute() for task in members}
 
     def in_flight(self, model: str) -> int:
         """Return the calls of `model` holding a slot now (tests, operators)."""
         return self.connection.zcount(SLOTS_KEY.format(model), time.time(), "+inf")
+
+
+def line_place(priority: int, task_id: int) -> int:
+    """Return a task's place in its model's line: higher priority first, then the order of submission."""
+    return (10 - priority) * 10**12 + task_id
 
 
 def limits() -> Limits:

@@ -227,6 +227,27 @@ def defer(task_id: int, job_id: str | None, priority: int, model: str, delay: fl
     return new_job
 
 
+def wake(task_id: int, timeout: int) -> bool:
+    """Give a task waiting in its model's line its turn: a fresh job at the front of its queue.
+
+    False when the task is no longer PENDING (cancelled or deleted while it waited).
+    """
+    new_job = new_job_id(task_id)
+    row = _run(
+        update(Task)
+        .where(Task.id == task_id, Task.status == TaskStatus.PENDING.value)
+        .values(job_id=new_job, run_after=None)
+        .returning(Task.priority)
+    )
+    if row is None:
+        return False
+    try:
+        enqueue_task(task_id, row.priority, timeout, job_id=new_job, at_front=True)
+    except RedisError:
+        log.warning("task %s: its turn came but Redis is unavailable; the sweeper will enqueue it", task_id)
+    return True
+
+
 def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_tokens: int | None) -> bool:
     """Record the answer: the one final write of a successful attempt."""
     return _write(

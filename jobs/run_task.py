@@ -4,7 +4,10 @@ Every way an attempt can end leads to one fenced write: COMPLETED, FAILED, or ba
 with the job that will run it next. What else can happen, and what it does:
 
 - the model's circuit breaker is open: the task is deferred until it half-opens, unclaimed
-  (no attempt spent, no provider call);
+  (no attempt spent, no provider call); so is a task over the model's requests or tokens per
+  minute, until the limit allows it;
+- the model's calls in flight are at its `concurrency`: the task waits in the model's line, its
+  job ended, until a freed slot is handed to it (`wake`);
 - 429 with a short Retry-After: the worker waits it out and starts the next attempt in place;
   a long one hands the task back with a delayed retry;
 - the worker is asked to stop: the attempt finishes within the grace period or hands back
@@ -32,7 +35,7 @@ from webapp.services.tasks import job_timeout
 
 from . import events, progress
 from .breaker import Breaker
-from .limits import Hold, estimate_tokens, limits
+from .limits import Hold, estimate_tokens, limits, line_place
 from .progress import Claim, database_unavailable, with_database
 from .provider import ProviderError, Usage, stream_answer
 from .shutdown import drain
@@ -77,25 +80,30 @@ def run_task(task_id: int) -> str:
     if spec is not None:
         hold = _admit(task_id, job_id, label, spec, pending)
         if hold is None:
-            return "deferred"
+            return "waiting"
     try:
         return _run_claimed(task_id, job_id, label, spec, hold)
     finally:
         if hold is not None:
-            limits().release(hold, hold.used)
+            wake(spec, limits().release(hold, hold.used))
 
 
 def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pending: progress.Pending) -> Hold | None:
-    """Take a place under the model's limits and past its breaker, or defer the task (None)."""
+    """Take a place under the model's limits and past its breaker, or leave the task waiting (None)."""
     budget = pending.params.get("max_tokens") or spec.default_max_tokens
     tokens = estimate_tokens(pending.prompt_chars, pending.params.get("system"), budget)
-    verdict, hold = limits().acquire(spec, job_id or f"task-{task_id}", tokens)
+    place = line_place(pending.priority, task_id)
+    verdict, hold = limits().acquire(spec, job_id or f"task-{task_id}", tokens, task_id, place)
+    wake(spec, verdict.woken)
     if verdict.allowed:
         breaker = Breaker(spec.name).check(probe_seconds=spec.timeout)
         if breaker.allowed:
             return hold
-        limits().release(hold)
+        wake(spec, limits().release(hold))
         wait, reason = breaker.wait, "circuit open"
+    elif verdict.limit == "concurrency":
+        events.in_line(task_id, label, spec.name)
+        return None
     else:
         wait, reason = verdict.wait, f"{verdict.limit} limit"
     delay = wait + random.uniform(0, 1)  # spread the waiting tasks out
@@ -103,6 +111,16 @@ def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pendin
     new_job = with_database(lambda: progress.defer(task_id, job_id, pending.priority, spec.name, delay, timeout))
     events.paused(task_id, label, spec.name, delay, new_job, reason)
     return None
+
+
+def wake(spec: ModelSpec, woken: tuple[int, ...]) -> None:
+    """Enqueue the tasks that freed slots went to; a task no longer waiting passes its slot on."""
+    left = list(woken)
+    timeout = job_timeout(spec.name) if left else 0
+    while left:
+        task_id = left.pop(0)
+        if not with_database(lambda task_id=task_id: progress.wake(task_id, timeout)):
+            left.extend(limits().unreserve(spec.name, spec.concurrency or 0, task_id))
 
 
 def _run_claimed(task_id: int, job_id: str | None, label: str, spec: ModelSpec | None, hold: Hold | None) -> str:
@@ -297,7 +315,8 @@ def _wait_inline(
     # The next call counts against the model's requests and tokens per minute too; its slot is kept.
     budget = task.params.get("max_tokens") or spec.default_max_tokens
     tokens = estimate_tokens(len(task.prompt), task.params.get("system"), budget)
-    verdict, hold = limits().acquire(spec, keeper.hold.holder, tokens)
+    place = line_place(task.priority, task.task_id)
+    verdict, hold = limits().acquire(spec, keeper.hold.holder, tokens, task.task_id, place)
     if hold is not None:
         keeper.hold.tokens += hold.tokens
     return verdict.allowed

@@ -8,7 +8,9 @@
   its time is moved onto its queue. RQ's scheduler, running in one worker at a time, does that
   every second; but a worker killed while running it keeps RQ's scheduler lock for a minute,
   and the other workers look for the lock only once a minute, so without this pass every
-  deferred task would wait up to two minutes.
+  deferred task would wait up to two minutes;
+- a model whose slots expired (a dead worker's calls) while tasks wait in its line hands them
+  to the line; the tasks in a line are held there and are not enqueued again.
 
 "Held" is read from RQ's own structures, all at once per pass: the queue lists and the
 scheduled registries. A job's status field is not enough: a worker killed right after popping
@@ -40,12 +42,15 @@ from rq.serializers import JSONSerializer
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 
+from webapp.catalog import ModelSpec, catalog
 from webapp.extensions import db
 from webapp.models import IdempotencyKey, Task, TaskStatus, utcnow
 from webapp.queues import QUEUE_NAMES, enqueue_task, get_queue, redis
 from webapp.services.tasks import job_timeout
 
+from .limits import limits
 from .progress import database_unavailable
+from .run_task import wake
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ SCHEDULER_SLACK = 5.0
 class SweepReport:
     requeued: list[int] = field(default_factory=list)
     overdue: list[str] = field(default_factory=list)
+    woken: list[int] = field(default_factory=list)
     reclaimed: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     skipped: bool = False
@@ -71,7 +77,7 @@ class SweepReport:
         return (
             f"sweep: {len(self.requeued)} re-enqueued, {len(self.reclaimed)} taken back from dead "
             f"workers, {len(self.failed)} failed with no attempts left, {len(self.overdue)} overdue delayed "
-            "jobs moved to their queues"
+            f"jobs moved to their queues, {len(self.woken)} waiting tasks given expired slots"
         )
 
 
@@ -101,9 +107,10 @@ def sweep() -> SweepReport:
             if time.monotonic() >= _Outage.hold_until:
                 _take_back_expired(report)
             _release_overdue(report)
+            _pump_lines(report)
             _requeue_orphans(report)
             _forget_idempotency_keys()
-            if report.requeued or report.reclaimed or report.failed or report.overdue:
+            if report.requeued or report.reclaimed or report.failed or report.overdue or report.woken:
                 log.info("%s", report)
             return report
     except DBAPIError as exc:
@@ -217,6 +224,21 @@ def _release_overdue(report: SweepReport) -> None:
         log.warning("sweeper: Redis unavailable; will retry next pass")
 
 
+def _limited() -> list[ModelSpec]:
+    return [spec for spec in catalog() if spec.concurrency]
+
+
+def _pump_lines(report: SweepReport) -> None:
+    """Hand slots that expired (their worker died) to the tasks waiting in line for them."""
+    try:
+        for spec in _limited():
+            woken = limits().pump(spec)
+            wake(spec, woken)
+            report.woken.extend(woken)
+    except RedisError:
+        log.warning("sweeper: Redis unavailable; will retry next pass")
+
+
 def held_job_ids(connection: Redis) -> set[str]:
     """Return the ids of every job waiting in RQ: on a queue, or scheduled for later."""
     held: set[str] = set()
@@ -232,6 +254,7 @@ def _requeue_orphans(report: SweepReport) -> None:
     grace = now - timedelta(seconds=current_app.config["SWEEP_GRACE_SECONDS"])
     connection = redis()
     held: set[str] | None = None
+    in_line: set[int] = set()
     after = 0
     while True:
         candidates = db.session.execute(
@@ -251,11 +274,12 @@ def _requeue_orphans(report: SweepReport) -> None:
         if held is None:
             try:
                 held = held_job_ids(connection)
+                in_line = limits().waiting([spec.name for spec in _limited()])
             except RedisError:
                 log.warning("sweeper: Redis unavailable; will retry next pass")
                 return
         for row in candidates:
-            if row.job_id and row.job_id in held:
+            if (row.job_id and row.job_id in held) or row.id in in_line:
                 continue
             if row.job_id is None and row.run_after is None and row.created_at >= grace:
                 continue  # submitted a moment ago; its enqueue may still be under way

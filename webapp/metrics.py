@@ -57,7 +57,12 @@ COUNTERS = {
         Spec("atr_provider_errors", "Failed attempts by error class (retried or final).", ("model", "kind")),
         Spec("atr_tasks_stopped", "Attempts stopped: the task was cancelled, deleted or taken back.", ("model",)),
         Spec("atr_tokens", "Tokens used by completed tasks.", ("model", "type")),
-        Spec("atr_tasks_deferred", "Jobs deferred unclaimed because the model's circuit breaker was open.", ("model",)),
+        Spec(
+            "atr_tasks_deferred",
+            "Jobs deferred unclaimed: the model's circuit breaker was open, or its rpm/tpm limit reached.",
+            ("model",),
+        ),
+        Spec("atr_tasks_waited", "Jobs that found the model at its concurrency and joined its line.", ("model",)),
         Spec("atr_tasks_handed_back", "Attempts handed back unfinished by a worker shutting down.", ("model",)),
         Spec(
             "atr_tasks_released",

@@ -39,8 +39,12 @@ def new_job_id(task_id: int) -> str:
     return f"task-{task_id}-{secrets.token_hex(4)}"
 
 
-def enqueue_task(task_id: int, priority: int, job_timeout: int, delay: float = 0, job_id: str | None = None) -> str:
+def enqueue_task(
+    task_id: int, priority: int, job_timeout: int, delay: float = 0, job_id: str | None = None, at_front: bool = False
+) -> str:
     """Enqueue `jobs.run_task(task_id)` on the queue for `priority`; return the job id.
+
+    `at_front` is for a task whose turn has come after waiting in its model's line.
 
     With a delay the job waits in RQ's scheduled registry (a worker's scheduler moves it; the
     sweeper moves it if it is overdue, see `jobs.sweeper`).
@@ -57,5 +61,5 @@ def enqueue_task(task_id: int, priority: int, job_timeout: int, delay: float = 0
     if delay > 0:
         queue.enqueue_in(timedelta(seconds=delay), "jobs.run_task.run_task", task_id, **options)
     else:
-        queue.enqueue("jobs.run_task.run_task", task_id, **options)
+        queue.enqueue("jobs.run_task.run_task", task_id, at_front=at_front, **options)
     return job_id

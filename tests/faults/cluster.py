@@ -60,6 +60,9 @@ FAULT_SETTINGS = {
     "WORKER_CONCURRENCY": "4",
 }
 
+# The fake model's calls in flight at once (the catalog's default: models.toml sets none).
+MODEL_CONCURRENCY = 16
+
 # The longest a task may sit unfinished with nobody holding it, with FAULT_SETTINGS' clocks.
 STUCK_BOUND = 30.0
 
@@ -495,9 +498,10 @@ class Monitor(threading.Thread):
     Stuck: PROCESSING with its lease not renewed for more than a renewal interval plus a
     second (its worker is gone), or PENDING, due, and its job on no queue and not waiting its
     time in a scheduled registry (Redis lost it, or it is overdue there: no scheduler is moving
-    it). Read with plain SQL and raw Redis, not with the sweeper's code.
-    A task counts once two samples in a row find it stuck (a job between its pop and its claim
-    is on no list for a few milliseconds), measured from the first.
+    it), and not in its model's line while the model's slots are all taken. Read with plain SQL
+    and raw Redis, not with the sweeper's code. A task counts once two samples in a row find it
+    stuck (a job between its pop and its claim is on no list for a few milliseconds), measured
+    from the first.
     """
 
     def __init__(self, cluster: Cluster, interval: float = 0.25) -> None:
@@ -558,9 +562,13 @@ class Monitor(threading.Thread):
         for name in ("high", "default", "low"):
             held.update(j.decode() for j in redis.lrange(f"rq:queue:{name}", 0, -1))
             held.update(j.decode() for j in redis.zrangebyscore(f"rq:scheduled:{name}", scheduled_after, "+inf"))
+        # Waiting in the model's line is held, while the model's slots are all taken.
+        in_line: set[int] = set()
+        if redis.zcount("atr:limit:fake:slots", time.time(), "+inf") >= MODEL_CONCURRENCY:
+            in_line = {int(task) for task in redis.zrange("atr:limit:fake:line", 0, -1)}
         stuck = set()
         for task_id, status, job_id, overdue, due in rows:
-            orphaned = status == "PENDING" and due and (job_id is None or job_id not in held)
+            orphaned = status == "PENDING" and due and (job_id is None or job_id not in held) and task_id not in in_line
             if orphaned or (status == "PROCESSING" and overdue):
                 stuck.add(task_id)
         return stuck

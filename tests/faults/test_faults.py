@@ -168,7 +168,7 @@ def test_provider_storm(fresh, record):
     outcome = cluster.submit(prompts, clients=4)
     cluster.wait_finished(list(outcome.accepted.values()), 600)
     pauses = log_count(cluster, "paused (circuit open)")
-    waits = log_count(cluster, "waiting ")
+    waits = log_count(cluster, "before the next attempt")
     report = verdict(
         cluster,
         "4. provider storm (30% 429, 20% 500, 5% hang)",
