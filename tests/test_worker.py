@@ -103,6 +103,31 @@ def test_model_concurrency_holds_across_two_worker_processes(app, api, fake_prov
         assert limits().in_flight("fake-narrow") == 0
 
 
+def test_every_thread_of_a_wide_worker_can_reach_redis_at_once(app):
+    """The app's Redis client in a worker has a connection for each thread (redis-py's default: 100)."""
+    from webapp.queues import redis
+
+    errors: list[BaseException] = []
+    with app.app_context():
+        make_worker(list(QUEUE_NAMES), concurrency=150)
+        connection = redis()
+        start = threading.Barrier(150)
+
+        def hold_a_connection() -> None:
+            start.wait()
+            try:
+                connection.blpop(["atr:test:nothing"], timeout=0.5)  # each holds a connection 0.5 s
+            except Exception as exc:  # noqa: BLE001 (collected for the assertion)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=hold_a_connection) for _ in range(150)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    assert errors == []
+
+
 def test_an_rpm_limit_defers_instead_of_failing(app, api, fake_provider):
     first = api.submit("first this minute", model="fake-rpm")
     second = api.submit("second this minute", model="fake-rpm")
