@@ -513,6 +513,9 @@ class Monitor(threading.Thread):
         self.seen_once: dict[int, float] = {}
         self.longest = 0.0
         self.longest_task: int | None = None
+        self.longest_why = ""  # what the first sighting of the longest saw
+        self.why: dict[int, str] = {}  # at the first sighting
+        self.last_why: dict[int, str] = {}  # at the last
         lease = float(FAULT_SETTINGS["LEASE_SECONDS"])
         self.overdue = lease - lease / 3 - 1.0  # lease left when a renewal is a second late
 
@@ -536,18 +539,23 @@ class Monitor(threading.Thread):
                     del self.seen_once[task_id]  # a blip (a job between its pop and its claim)
             for task_id in stuck:
                 if task_id in self.since:
+                    self.last_why[task_id] = stuck[task_id]
                     continue
                 if task_id in self.seen_once:
                     self.since[task_id] = self.seen_once.pop(task_id)  # counted from the first sighting
                 else:
                     self.seen_once[task_id] = now
+                    self.why[task_id] = stuck[task_id]
 
     def _close(self, task_id: int, now: float) -> None:
         length = now - self.since.pop(task_id)
         if length > self.longest:
+            first, last = self.why.get(task_id, ""), self.last_why.get(task_id, "")
             self.longest, self.longest_task = length, task_id
+            self.longest_why = first if last in ("", first) else f"{first}; then {last}"
 
-    def _sample(self, conn) -> set[int]:
+    def _sample(self, conn) -> dict[int, str]:
+        """Return the tasks nobody holds now, each with what was seen of it."""
         with conn.cursor() as cur:
             cur.execute(
                 "SELECT id, status, job_id, lease_expires_at - now() < make_interval(secs => %s), "
@@ -563,14 +571,19 @@ class Monitor(threading.Thread):
             held.update(j.decode() for j in redis.lrange(f"rq:queue:{name}", 0, -1))
             held.update(j.decode() for j in redis.zrangebyscore(f"rq:scheduled:{name}", scheduled_after, "+inf"))
         # Waiting in the model's line is held, while the model's slots are all taken.
-        in_line: set[int] = set()
-        if redis.zcount("atr:limit:fake:slots", time.time(), "+inf") >= MODEL_CONCURRENCY:
-            in_line = {int(task) for task in redis.zrange("atr:limit:fake:line", 0, -1)}
-        stuck = set()
+        line = {int(task) for task in redis.zrange("atr:limit:fake:line", 0, -1)}
+        live = redis.zcount("atr:limit:fake:slots", time.time(), "+inf")
+        lapsed = redis.zcard("atr:limit:fake:slots") - live  # expired, not yet handed on
+        in_line = line if live >= MODEL_CONCURRENCY else set()
+        stuck: dict[int, str] = {}
         for task_id, status, job_id, overdue, due in rows:
-            orphaned = status == "PENDING" and due and (job_id is None or job_id not in held) and task_id not in in_line
-            if orphaned or (status == "PROCESSING" and overdue):
-                stuck.add(task_id)
+            if status == "PROCESSING" and overdue:
+                stuck[task_id] = "PROCESSING, its lease not renewed"
+            elif status == "PENDING" and due and (job_id is None or job_id not in held) and task_id not in in_line:
+                where = "on no queue"
+                if task_id in line:
+                    where = f"in line, {live} of {MODEL_CONCURRENCY} slots live, {lapsed} expired"
+                stuck[task_id] = f"PENDING, job {job_id} {where}"
         return stuck
 
     def finish(self) -> float:
@@ -596,6 +609,8 @@ class CaseReport:
     longest_stuck: float
     seconds: float
     notes: str = ""
+    longest_stuck_task: int | None = None  # in reports.jsonl, with what was seen of it
+    longest_stuck_why: str = ""
 
     def row(self) -> str:
         return (
@@ -644,6 +659,8 @@ def verdict(cluster: Cluster, case: str, outcome: Outcome, started: float, notes
         attempts=sum(a for _, a, _ in rows.values()),
         over_called=len(over_called),
         longest_stuck=longest,
+        longest_stuck_task=cluster.monitor.longest_task if cluster.monitor else None,
+        longest_stuck_why=cluster.monitor.longest_why if cluster.monitor else "",
         seconds=time.monotonic() - started,
         notes=notes,
     )
@@ -656,5 +673,6 @@ def verdict(cluster: Cluster, case: str, outcome: Outcome, started: float, notes
     assert extra == 0, f"{extra} tasks exist that no client was given"
     # Liveness, not speed: with the suite's clocks every orphan has a way forward within about
     # 10 s (a lease, a sweep, the scheduler slack); 30 s leaves room for a loaded machine.
-    assert longest < STUCK_BOUND, f"task {cluster.monitor.longest_task} sat with nobody holding it for {longest:.0f} s"
+    monitor = cluster.monitor
+    assert longest < STUCK_BOUND, f"task {monitor.longest_task} ({monitor.longest_why}) sat unheld for {longest:.0f} s"
     return report
