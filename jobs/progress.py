@@ -210,7 +210,8 @@ def reclaim(claim: Claim) -> Claim | None:
 def defer(task_id: int, job_id: str | None, priority: int, model: str, delay: float, timeout: int) -> str | None:
     """Move a PENDING task's run to `delay` seconds from now, without spending an attempt.
 
-    Used when its model's circuit breaker is open. Only the task's current job defers it (a
+    Used when its model's circuit breaker is open, or its rpm/tpm limit is reached. Only the
+    task's current job defers it (a
     duplicate job just ends); returns the new job id, or None when nothing was deferred.
     """
     fence = [Task.id == task_id, Task.status == TaskStatus.PENDING.value]

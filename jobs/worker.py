@@ -51,6 +51,7 @@ from rq.worker import BaseWorker, WorkerStatus
 
 from webapp.catalog import catalog
 from webapp.extensions import db
+from webapp.queues import connect
 
 from . import events, progress
 from . import run_task as _run_task  # noqa: F401 (loaded before the first job)
@@ -379,20 +380,9 @@ def make_worker(queues: Sequence[str], name: str | None = None, concurrency: int
     pool = BlockingConnectionPool.from_url(
         config["REDIS_URL"], socket_connect_timeout=5, max_connections=min(concurrency, 50) + 5, timeout=30
     )
-    # Every job thread may be in a Redis call at once (limits, breaker, metrics), on the app's
-    # client: size its pool to the threads, and let a thread wait for a connection rather than
-    # fail. redis-py's default pool refuses a 101st connection, which the limits would take for
-    # Redis being down (letting calls through) and the metrics would lose.
-    app.extensions["redis"] = Redis(
-        connection_pool=BlockingConnectionPool.from_url(
-            config["REDIS_URL"],
-            max_connections=concurrency + 10,
-            timeout=5,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            health_check_interval=30,
-        )
-    )
+    # Every job thread may be in a Redis call at once (limits, breaker, metrics) on the app's
+    # client: one connection per thread, and a few for the rest.
+    app.extensions["redis"] = connect(config["REDIS_URL"], max_connections=concurrency + 10)
     app.extensions.pop("model_limits", None)  # made again on the new client
     return TaskWorker(
         list(queues),

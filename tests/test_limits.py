@@ -57,7 +57,6 @@ def test_a_dead_workers_slots_expire_into_the_line(app, one_slot):
 
 def test_tasks_over_the_concurrency_wait_in_line_then_run_in_turn(app, api, fake_provider):
     """Waiting costs no attempt and no timer; a cancelled task's turn passes to the next."""
-    spec = None
     with app.app_context():
         spec = catalog().get("fake-narrow")
         busy = [limits().acquire(spec, f"elsewhere-{i}", 10, 9000 + i)[1] for i in range(spec.concurrency)]

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from flask_openapi3 import Info, OpenAPI, SecurityScheme
-from redis import Redis
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as cfg
-from . import ratelimits, security
+from . import queues, ratelimits, security
 from .extensions import csrf, db, login_manager, migrate, ping_after_idle
 from .logs import setup_logging
 from .schemas import PROMPT_CEILING, ErrorEnvelope
@@ -72,10 +71,8 @@ def create_app(overrides: dict | None = None) -> App:
     migrate.init_app(app, db, directory=str(cfg.ROOT / "migrations"))
     login_manager.init_app(app)
     csrf.init_app(app)
-    # One client per process; it connects lazily. Short timeouts so a dead Redis fails fast.
-    app.extensions["redis"] = Redis.from_url(
-        app.config["REDIS_URL"], socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
-    )
+    # One client per process (a worker sizes its own to its threads: jobs.worker.make_worker).
+    app.extensions["redis"] = queues.connect(app.config["REDIS_URL"])
     ratelimits.init_app(app)
     security.init_app(app)
 

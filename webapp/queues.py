@@ -6,7 +6,7 @@ import secrets
 from datetime import timedelta
 
 from flask import current_app
-from redis import Redis
+from redis import BlockingConnectionPool, Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
@@ -23,6 +23,20 @@ def queue_name(priority: int) -> str:
     if priority >= 4:
         return "default"
     return "low"
+
+
+def connect(url: str, max_connections: int | None = None) -> Redis:
+    """Return a client that connects lazily, with short timeouts so a dead Redis fails fast.
+
+    With `max_connections` (a worker: its threads plus a few), a caller past the limit waits
+    for a connection rather than fail: redis-py's default pool refuses a 101st connection,
+    which the model limits would take for Redis being down.
+    """
+    options = dict(socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+    if max_connections is None:
+        return Redis.from_url(url, **options)
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=5, **options)
+    return Redis(connection_pool=pool)
 
 
 def redis() -> Redis:
