@@ -8,7 +8,12 @@ its actions (delete, requeue, empty, compact) as plain POSTs. So, here:
 - its POSTs need our CSRF token like every other form: its script sends the `_csrf_token`
   cookie back as an X-CSRFToken header, so the cookie is set to our token on its pages;
   its one state-changing GET (requeue all) is refused;
-- jobs carry a task id only (see webapp/queues.py), so there is no user text to render.
+- jobs carry a task id only (see webapp/queues.py), so there is no user text to render;
+- every value of its URLs (queue, registry, order, paging, instance, job id) must be one it
+  would produce itself before it renders anything (404 otherwise): it echoes them into its
+  pages' inline scripts, which our policy allows by hash, so a crafted queue name once ran as
+  script. templates/rq_dashboard/scripts/jobs.js overrides the one template that pasted a value
+  into a script without escaping it.
 
 Its actions cannot corrupt a task: PostgreSQL is the record. A deleted job of a PENDING task
 is re-enqueued by the sweeper; a requeued job whose task is finished claims nothing and ends.
@@ -29,6 +34,7 @@ from rq.serializers import JSONSerializer
 
 from .auth import login_manager
 from .errors import ForbiddenError
+from .queues import QUEUE_NAMES
 from .security import cookie_secure
 from .views.errors import CODES, error_response
 
@@ -36,7 +42,10 @@ PREFIX = "/admin/rq"
 BLUEPRINT = "rq_dashboard"
 CSRF_COOKIE = "_csrf_token"  # the name rq-dashboard's script reads
 MAX_PAGE_NUMBER = 1_000_000
+MAX_PER_PAGE = 200  # the most its "On page" field offers
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+REGISTRIES = ("queued", "scheduled", "deferred", "started", "finished", "failed", "canceled")
 
 
 def _wants_json() -> bool:
@@ -65,25 +74,46 @@ def guard() -> Response | None:
         raise ForbiddenError("This page is for administrators.")
     if request.endpoint == f"{BLUEPRINT}.requeue_all" and request.method != "POST":
         abort(405)  # a GET that changes state would bypass CSRF protection
-    args = request.view_args or {}
-    # It serves one Redis, instance 0; another number, or page numbers that are not numbers
-    # (it parses those itself), would be a 500 rather than a 404.
-    if (
-        args.get("instance_number", 0) != 0
-        or (request.endpoint == f"{BLUEPRINT}.list_jobs" and not _page_numbers_ok(args))
-        or ("job_id" in args and not JOB_ID.fullmatch(args["job_id"]))  # RQ raises ValueError on those
-    ):
+    if not _url_values_ok(request.view_args or {}):
         return _dashboard_error(404, "There is nothing at this address.")
     if request.endpoint == f"{BLUEPRINT}.compact_queue":
-        queue = Queue(args.get("queue_name", ""), connection=current_app.extensions["redis"])
+        queue = Queue(request.view_args["queue_name"], connection=current_app.extensions["redis"])
         if not queue.connection.exists(queue.key):
             return jsonify(status="OK")  # nothing to compact (RQ would fail renaming a missing key)
     return None
 
 
-def _page_numbers_ok(args: dict) -> bool:
-    values = [str(args.get(name, "")) for name in ("per_page", "page")]
-    return all(v.isascii() and v.isdecimal() and 0 < int(v) <= MAX_PAGE_NUMBER for v in values)
+def _real_queue(name) -> bool:
+    """Whether `name` is one of our queues or one RQ has registered in Redis."""
+    if name in QUEUE_NAMES:
+        return True
+    if not isinstance(name, str) or not QUEUE_NAME.fullmatch(name):
+        return False
+    return name in {queue.name for queue in Queue.all(connection=current_app.extensions["redis"])}
+
+
+def _page_number(value) -> bool:
+    value = str(value)
+    return value.isascii() and value.isdecimal() and 0 < int(value) <= MAX_PAGE_NUMBER
+
+
+# rq-dashboard echoes every value of its URLs into its pages, some into inline scripts that our
+# policy then allows by hash. So each value must be one it would have produced itself; a route
+# with a value not listed here (a newer rq-dashboard) is refused until it is.
+URL_VALUES = {
+    "instance_number": lambda value: value == 0,  # it serves one Redis
+    "queue_name": lambda value: value is None or _real_queue(value),  # None: /view/jobs, the default queue
+    "registry_name": lambda value: value in REGISTRIES,
+    "order": lambda value: value in ("asc", "dsc"),
+    "per_page": lambda value: _page_number(value) and int(value) <= MAX_PER_PAGE,
+    "page": _page_number,
+    "job_id": lambda value: bool(JOB_ID.fullmatch(value)),  # RQ raises ValueError on others
+    "filename": lambda value: True,  # its static files: send_from_directory keeps to the folder
+}
+
+
+def _url_values_ok(args: dict) -> bool:
+    return all(name in URL_VALUES and URL_VALUES[name](value) for name, value in args.items())
 
 
 def csrf_cookie(response: Response) -> Response:
