@@ -115,7 +115,7 @@ def test_real_values_still_work(app):
         assert client.get(path).status_code == 200, path
     page = client.get("/admin/rq/0/view/jobs/default/queued/8/asc/1").get_data(as_text=True)
     # The queue name reaches its script as JSON, not pasted inside quotes.
-    assert "$(this).val(\"default\")" in page
+    assert '$(this).val("default")' in page
 
 
 browser, page, server, watch, worker = (
@@ -210,7 +210,7 @@ def test_every_value_in_rq_dashboards_scripts_is_json_except_the_one_we_override
     upstream = Path(rq_dashboard.__file__).parent / "templates"
     raw = []
     for path in sorted(upstream.rglob("*.js")):
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for line in path.read_text().splitlines():
             for expression in re.findall(r"\{\{(.*?)\}\}", line):
                 if "tojson" not in expression:
                     raw.append((str(path.relative_to(upstream)), expression.strip()))
