@@ -29,7 +29,7 @@ from webapp.services import accounts  # noqa: E402
 
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
 TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-TABLES = "idempotency_keys, tasks, api_tokens, users"
+TABLES = "idempotency_keys, tasks, user_sessions, api_tokens, users"
 PASSWORD = "correct horse battery"
 
 

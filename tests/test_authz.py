@@ -48,6 +48,9 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ("GET", "/login"): ("/login", PUBLIC),
     ("POST", "/login"): ("/login", PUBLIC),
     ("POST", "/logout"): ("/logout", PUBLIC),
+    ("GET", "/account"): ("/account", PAGE),
+    ("POST", "/account/password"): ("/account/password", PAGE),
+    ("POST", "/account/sign-out-everywhere"): ("/account/sign-out-everywhere", PAGE),
     ("POST", "/tasks"): ("/tasks", PAGE),
     ("GET", "/tasks"): ("/tasks", PAGE),
     ("GET", "/tasks/<int:task_id>"): ("/tasks/{pending}", OWNED_PAGE),
@@ -124,6 +127,8 @@ FORMS = {
     "/admin/users": {"username": "newcomer", "password": "long enough password"},
 }
 JSON_BODIES = {"/api/v1/tasks": {"prompt": "from the matrix"}}
+# Routes that end the caller's sign-in (all of them, for the second): the role signs in again after.
+ENDS_SIGN_IN = {"/logout", "/account/sign-out-everywhere"}
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
@@ -189,16 +194,25 @@ def owner_api(world: World):
     return ApiClient(world.app.test_client(), caller.token, None)
 
 
+NAMES = {"user": "alice", "other": "bob", "disabled": "dave", "admin": "root"}
+
+
+def sign_in(app, name: str) -> tuple[str, str]:
+    """Sign in as `name`; return the session cookie and its CSRF token."""
+    client = app.test_client()
+    login(client, name)
+    csrf = csrf_from(client.get("/tokens").text)  # made now: the session was emptied at sign-in
+    return client.get_cookie("session").value, csrf
+
+
 def build_world(app) -> World:
     world = World(app)
-    for role, name in (("user", "alice"), ("other", "bob"), ("disabled", "dave"), ("admin", "root")):
+    for role, name in NAMES.items():
         user = make_user(app, name, admin=role == "admin")
-        client = app.test_client()
-        login(client, name)
-        csrf = csrf_from(client.get("/tokens").text)
+        cookie, csrf = sign_in(app, name)
         with app.app_context():
             _, token = accounts.create_token(db.session.get(User, user.id), "matrix")
-        world.callers[role] = Caller(app, client.get_cookie("session").value, csrf, token, user.id)
+        world.callers[role] = Caller(app, cookie, csrf, token, user.id)
     anonymous = app.test_client()
     csrf = csrf_from(anonymous.get("/login").text)
     world.callers["anonymous"] = Caller(app, anonymous.get_cookie("session").value, csrf)
@@ -230,7 +244,10 @@ def call(world: World, role: str, method: str, rule: str, *, session: bool | Non
             data["csrf_token"] = caller.csrf
             headers["X-CSRFToken"] = caller.csrf  # rq-dashboard's POSTs send it as a header
         options.setdefault("data", data)
-    return getattr(client, method.lower())(path, **options), path
+    response = getattr(client, method.lower())(path, **options)
+    if path in ENDS_SIGN_IN and role in NAMES and role != "disabled" and outcome(response) == OK:
+        caller.cookie, caller.csrf = sign_in(world.app, NAMES[role])
+    return response, path
 
 
 def outcome(response) -> str | int:
@@ -309,7 +326,8 @@ def state(app) -> tuple:
             text(
                 "SELECT (SELECT json_agg(t ORDER BY id) FROM (SELECT id, status, user_id, attempts FROM tasks) t),"
                 " (SELECT json_agg(u ORDER BY id) FROM (SELECT id, is_active, is_admin, password_hash FROM users) u),"
-                " (SELECT json_agg(k ORDER BY id) FROM (SELECT id, revoked_at FROM api_tokens) k)"
+                " (SELECT json_agg(k ORDER BY id) FROM (SELECT id, revoked_at FROM api_tokens) k),"
+                " (SELECT json_agg(s ORDER BY id) FROM (SELECT id, user_id FROM user_sessions) s)"
             )
         ).one()
         db.session.remove()

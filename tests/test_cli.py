@@ -9,28 +9,32 @@ from tests.conftest import ROOT, api_client
 
 
 def test_users_create_with_password_on_stdin(runner, app):
-    result = runner.invoke(args=["users", "create", "dora", "--admin", "--password-stdin"], input="s3cret-pass\n")
+    result = runner.invoke(
+        args=["users", "create", "dora", "--admin", "--password-stdin"], input="s3cret-pass phrase\n"
+    )
     assert result.exit_code == 0, result.output
     assert "Created admin dora" in result.output
     from webapp.services.accounts import authenticate
 
     with app.app_context():
-        user = authenticate("dora", "s3cret-pass")
+        user = authenticate("dora", "s3cret-pass phrase")
         assert user is not None and user.is_admin
 
 
 def test_users_create_refuses_duplicates_and_short_passwords(runner):
-    assert runner.invoke(args=["users", "create", "erin", "--password-stdin"], input="long-enough\n").exit_code == 0
-    taken = runner.invoke(args=["users", "create", "ERIN", "--password-stdin"], input="long-enough\n")
+    assert (
+        runner.invoke(args=["users", "create", "erin", "--password-stdin"], input="long-enough phrase\n").exit_code == 0
+    )
+    taken = runner.invoke(args=["users", "create", "ERIN", "--password-stdin"], input="long-enough phrase\n")
     assert taken.exit_code != 0 and "taken" in taken.output
     short = runner.invoke(args=["users", "create", "frank", "--password-stdin"], input="short\n")
     assert short.exit_code != 0 and "at least 8" in short.output
-    bad = runner.invoke(args=["users", "create", "no spaces", "--password-stdin"], input="long-enough\n")
+    bad = runner.invoke(args=["users", "create", "no spaces", "--password-stdin"], input="long-enough phrase\n")
     assert bad.exit_code != 0
 
 
 def test_tokens_create_prints_the_token_alone_on_the_last_line(runner, client):
-    runner.invoke(args=["users", "create", "gus", "--password-stdin"], input="long-enough\n")
+    runner.invoke(args=["users", "create", "gus", "--password-stdin"], input="long-enough phrase\n")
     result = runner.invoke(args=["tokens", "create", "gus"])
     assert result.exit_code == 0
     token = result.stdout.strip().splitlines()[-1]

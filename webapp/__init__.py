@@ -81,8 +81,8 @@ def create_app(overrides: dict | None = None) -> App:
     app.extensions["catalog"] = load_catalog(app.config)
 
     from . import admin, auth, cli, metrics  # noqa: F401 (auth registers the session user loader)
+    from .views import account, api, errors, pages
     from .views import admin as admin_views
-    from .views import api, errors, pages
 
     if not app.config.get("TESTING"):
         setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
@@ -90,6 +90,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.register_api(api.bp)
     csrf.exempt(api.bp)  # bearer tokens only: no cookies, so no cross-site forgery
     app.register_blueprint(pages.bp)
+    app.register_blueprint(account.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(metrics.bp)
     admin.init_app(app)

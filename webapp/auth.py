@@ -2,6 +2,10 @@
 
 The API accepts only `Authorization: Bearer`; a session cookie is not a credential there, so a
 page cannot be tricked into calling the API, and the API needs no CSRF token.
+
+A browser's session cookie names a sign-in (a row of `user_sessions`, webapp/services/sessions.py),
+not a user, so signing out ends it for every copy of the cookie. Signing in and out also empty
+the session, which gives it a fresh CSRF token: a token read before the change is worthless after.
 """
 
 from __future__ import annotations
@@ -9,13 +13,14 @@ from __future__ import annotations
 from functools import wraps
 from urllib.parse import urlsplit
 
-from flask import flash, g, make_response, redirect, request, url_for
-from flask_login import current_user
+from flask import current_app, flash, g, make_response, redirect, request, session, url_for
+from flask_login import current_user, login_user, logout_user
 from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import ForbiddenError
 from .extensions import db, login_manager
 from .models import User
+from .services import sessions
 from .services.accounts import user_for_token
 
 
@@ -34,10 +39,30 @@ def api_user() -> User | None:
 
 
 @login_manager.user_loader
-def load_user(user_id: str) -> User | None:
-    """Return the signed-in user; a disabled user is signed out at their next request."""
-    user = db.session.get(User, int(user_id)) if user_id.isdigit() else None
-    return user if user is not None and user.is_active else None
+def load_user(session_key: str) -> User | None:
+    """Return the user of the cookie's sign-in; an ended sign-in or a disabled user is signed out."""
+    return sessions.user_for(session_key)
+
+
+def _fresh_session() -> None:
+    """Empty the cookie session, CSRF secret included, so nothing from before carries over."""
+    session.clear()
+    g.pop(current_app.config["WTF_CSRF_FIELD_NAME"], None)  # Flask-WTF's cached token for this request
+
+
+def sign_in(user: User) -> None:
+    """Start a new sign-in for this browser (a new key, a new CSRF token)."""
+    _fresh_session()
+    sessions.start(user)
+    login_user(user)
+
+
+def sign_out() -> None:
+    """End this browser's sign-in for good: a saved copy of the cookie no longer works."""
+    if current_user.is_authenticated:
+        sessions.end(current_user.session_key)
+    logout_user()
+    _fresh_session()
 
 
 @login_manager.unauthorized_handler

@@ -31,21 +31,39 @@ def _fail(exc: AppError):
     raise click.ClickException(exc.message)
 
 
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
 @users.command("create")
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="Make the user an administrator.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 def create_user(name: str, admin: bool, password_stdin: bool) -> None:
     """Create a user (asks for the password unless --password-stdin)."""
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    password = _read_password(password_stdin)
     try:
         user = accounts.create_user(name, password, is_admin=admin)
     except AppError as exc:
         _fail(exc)
     click.echo(f"Created {'admin' if user.is_admin else 'user'} {user.username}.")
+
+
+@users.command("set-password")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def set_password(name: str, password_stdin: bool) -> None:
+    """Give user NAME a new password (a lost password's way back); every sign-in of theirs ends."""
+    user = accounts.find_user(name)
+    if user is None:
+        raise click.ClickException(f"No user named {name!r}. Create one with `flask --app wsgi users create {name}`.")
+    try:
+        ended = accounts.set_password(user, _read_password(password_stdin))
+    except AppError as exc:
+        _fail(exc)
+    click.echo(f"Password set for {user.username}; {ended} {'sign-in' if ended == 1 else 'sign-ins'} ended.")
 
 
 @tokens.command("create")
@@ -109,15 +127,21 @@ def cleanup() -> None:
 @click.command("scheduler")
 @with_appcontext
 def scheduler() -> None:
-    """Run the periodic work until stopped: the sweeper every SWEEP_INTERVAL, the cleanup every CLEANUP_INTERVAL."""
+    """Run the periodic work until stopped: the sweeper every SWEEP_INTERVAL, the cleanup (old tasks,
+    idle sign-ins) every CLEANUP_INTERVAL."""
     from jobs.sweeper import sweep as run_sweep
 
     from .services.retention import cleanup as run_cleanup
+    from .services.sessions import purge_idle
 
     _setup_logging()
     log = logging.getLogger("scheduler")
     config = current_app.config
-    duties = [(run_sweep, config["SWEEP_INTERVAL"]), (run_cleanup, config["CLEANUP_INTERVAL"])]
+    duties = [
+        (run_sweep, config["SWEEP_INTERVAL"]),
+        (run_cleanup, config["CLEANUP_INTERVAL"]),
+        (purge_idle, config["CLEANUP_INTERVAL"]),
+    ]
     due = [0.0] * len(duties)  # monotonic time each duty is next due: both run at start
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

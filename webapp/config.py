@@ -72,9 +72,13 @@ class Config:
 
     # Rate limits (webapp/ratelimits.py), counted in Redis; false turns every one of them off.
     RATELIMIT_ENABLED = True
-    # Failed sign-ins allowed per account name and per client address (limits syntax:
-    # "5/minute;20/hour"); once over, that name or address waits, right password or not.
-    LOGIN_LIMIT_PER_ACCOUNT = "5/minute;20/hour"
+    # Failed sign-ins allowed (limits syntax: "5/minute;20/hour"); once over, sign-in waits,
+    # right password or not. The strict limit counts one account from one address, so
+    # someone else's failures elsewhere do not lock the owner out; the looser one counts an
+    # account from everywhere (a guesser with many addresses); the last, one address trying
+    # many accounts. docs/security.md, "Sign-in throttling", weighs them.
+    LOGIN_LIMIT_PER_ACCOUNT_AND_ADDRESS = "5/minute;20/hour"
+    LOGIN_LIMIT_PER_ACCOUNT = "30/minute;200/hour"
     LOGIN_LIMIT_PER_ADDRESS = "20/minute;100/hour"
     # Submissions (and retries) per user, pages and API together; empty means no limit.
     SUBMIT_LIMIT = "60/minute"
@@ -82,6 +86,10 @@ class Config:
     MAX_TASKS_IN_FLIGHT = 100
     # Tasks per page on the History page.
     HISTORY_PAGE_SIZE = 20
+    # A sign-in unused this long ends (webapp/services/sessions.py); its last use is written
+    # at most once per SESSION_TOUCH_SECONDS, so a page view costs one read.
+    SESSION_IDLE_DAYS = 14
+    SESSION_TOUCH_SECONDS = 3600
     SESSION_COOKIE_HTTPONLY = True
     SESSION_COOKIE_SAMESITE = "Lax"
     # Cookies are Secure whenever the request came over HTTPS (directly, or through a trusted

@@ -21,6 +21,8 @@ NAMING = {
 db = SQLAlchemy(metadata=MetaData(naming_convention=NAMING), session_options={"expire_on_commit": False})
 migrate = Migrate(render_as_batch=True, compare_type=True)
 login_manager = LoginManager()
+# The cookie names a sign-in, not a user (webapp/services/sessions.py): login_user stores this.
+login_manager.id_attribute = "get_session_key"
 csrf = CSRFProtect()
 
 

@@ -1,4 +1,4 @@
-"""The record: users, their API tokens, their tasks and idempotency keys."""
+"""The record: users, their sessions and API tokens, their tasks and idempotency keys."""
 
 from __future__ import annotations
 
@@ -85,6 +85,16 @@ class User(UserMixin, db.Model):
 
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", cascade="all, delete-orphan")
 
+    # The key of the sign-in this object was loaded for (webapp/services/sessions.py), not a
+    # column: Flask-Login keeps it in the session cookie instead of the user id.
+    session_key = None  # unannotated: SQLAlchemy maps annotated attributes
+
+    def get_session_key(self) -> str:
+        """Return what Flask-Login stores in the cookie (its `id_attribute`)."""
+        if not self.session_key:
+            raise RuntimeError("sign in through webapp.auth.sign_in, which starts a session")
+        return self.session_key
+
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password, method=PASSWORD_METHOD)
 
@@ -113,6 +123,20 @@ class ApiToken(db.Model):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class UserSession(db.Model):
+    """A signed-in browser. Its cookie carries a random key; only the key's SHA-256 is kept here,
+    so deleting the row ends that sign-in wherever the cookie is copied to."""
+
+    __tablename__ = "user_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Written at most once per SESSION_TOUCH_SECONDS, so a page view stays one read.
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Task(db.Model):

@@ -83,7 +83,12 @@ class RateLimits:
 
 
 def init_app(app: Flask) -> None:
-    for setting in ("SUBMIT_LIMIT", "LOGIN_LIMIT_PER_ACCOUNT", "LOGIN_LIMIT_PER_ADDRESS"):
+    for setting in (
+        "SUBMIT_LIMIT",
+        "LOGIN_LIMIT_PER_ACCOUNT_AND_ADDRESS",
+        "LOGIN_LIMIT_PER_ACCOUNT",
+        "LOGIN_LIMIT_PER_ADDRESS",
+    ):
         validate(app.config[setting], setting)
     app.extensions["ratelimits"] = RateLimits(app.extensions["redis"])
 

@@ -1,4 +1,4 @@
-"""Users and their API tokens."""
+"""Users, their passwords and their API tokens."""
 
 from __future__ import annotations
 
@@ -12,24 +12,64 @@ from functools import cache
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import joinedload
 from werkzeug.security import check_password_hash, generate_password_hash
+from zxcvbn import zxcvbn
 
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..extensions import db
 from ..models import PASSWORD_METHOD, ApiToken, User, utcnow
+from . import sessions
 
 USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PASSWORD_MIN = 8
+PASSWORD_MAX = 1000
+# zxcvbn's 0-4: 3 is "safely unguessable" (about 10^10 guesses), out of reach of an online
+# attack and expensive offline against scrypt.
+PASSWORD_MIN_SCORE = 3
+# zxcvbn's cost grows fast with length; a password this long is strong if its start is.
+PASSWORD_SCORED_CHARS = 100
+PASSWORD_ADVICE = "Add another word or two; uncommon words are better. A short sentence is easy to remember."
 TOKEN_PREFIX = "atr_"
 # last_used_at is written at most this often per token, so reads stay reads.
 TOKEN_TOUCH_INTERVAL = timedelta(minutes=1)
 
 
-def validate_password(password: str) -> None:
+def validate_password(password: str, username: str = "") -> None:
+    """Refuse a password that is short, blank or easy to guess, saying what to do instead."""
+    if not password.strip():
+        raise ValidationError(f"A password cannot be only spaces. {PASSWORD_ADVICE}", {"password": "only spaces"})
     if len(password) < PASSWORD_MIN:
         raise ValidationError(
-            f"The password must have at least {PASSWORD_MIN} characters.",
+            f"The password must have at least {PASSWORD_MIN} characters. {PASSWORD_ADVICE}",
             {"password": f"at least {PASSWORD_MIN} characters"},
         )
+    if len(password) > PASSWORD_MAX:
+        raise ValidationError(
+            f"The password must have at most {PASSWORD_MAX:,} characters.",
+            {"password": f"at most {PASSWORD_MAX:,} characters"},
+        )
+    verdict = zxcvbn(password[:PASSWORD_SCORED_CHARS], user_inputs=[username, "admin", "task", "runner"])
+    if verdict["score"] < PASSWORD_MIN_SCORE:
+        warning = verdict["feedback"]["warning"] or "It would be guessed quickly."
+        raise ValidationError(
+            f"This password is too easy to guess: {warning.rstrip('.')}. {PASSWORD_ADVICE}",
+            {"password": "too easy to guess"},
+        )
+
+
+def set_password(user: User, password: str) -> int:
+    """Give a user a new password and end every sign-in they have; return how many ended."""
+    validate_password(password, user.username)
+    user.set_password(password)
+    return sessions.end_all(user.id)  # commits the new hash with the deletions
+
+
+def change_password(user: User, current: str, new: str) -> int:
+    """Change one's own password, which needs the current one; end every sign-in."""
+    if not user.check_password(current):
+        raise ValidationError("The current password is not right.", {"current_password": "wrong password"})
+    if new == current:
+        raise ValidationError("Choose a password other than the current one.", {"password": "unchanged"})
+    return set_password(user, new)
 
 
 def create_user(username: str, password: str, is_admin: bool = False) -> User:
@@ -39,7 +79,7 @@ def create_user(username: str, password: str, is_admin: bool = False) -> User:
             "A username is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit.",
             {"username": "invalid"},
         )
-    validate_password(password)
+    validate_password(password, username)
     if find_user(username) is not None:
         raise ConflictError(f"The username {username!r} is taken.")
     user = User(username=username, is_admin=is_admin)
@@ -143,3 +183,12 @@ def revoke_token(user: User, token_id: int) -> None:
     db.session.commit()
     if result.rowcount == 0:
         raise NotFoundError(f"Token {token_id} does not exist or is not yours.")
+
+
+def revoke_all_tokens(user_id: int) -> int:
+    """Revoke every token of a user; return how many."""
+    result = db.session.execute(
+        update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None)).values(revoked_at=utcnow())
+    )
+    db.session.commit()
+    return result.rowcount

@@ -22,7 +22,7 @@ from ..errors import ConflictError, NotFoundError, ValidationError
 from ..extensions import db
 from ..models import FINISHED, UNFINISHED, Task, TaskStatus, User, utcnow
 from ..queues import enqueue_task, new_job_id, redis
-from . import accounts, stats
+from . import accounts, sessions, stats
 from .tasks import _drop_job, job_timeout, text_problem
 
 log = logging.getLogger(__name__)
@@ -235,12 +235,16 @@ def _user(user_id: int) -> User:
 
 
 def set_active(acting: User, user_id: int, active: bool) -> User:
-    """Enable or disable a user; a disabled user is signed out and their tokens stop working."""
+    """Enable or disable a user. Disabling ends every sign-in for good (enabling revives none);
+    their tokens stop working while they are disabled."""
     user = _user(user_id)
     if user.id == acting.id and not active:
         raise ConflictError("You cannot disable your own account.")
     user.is_active = active
-    db.session.commit()
+    if active:
+        db.session.commit()
+    else:
+        sessions.end_all(user.id)  # commits the flag with the deletions
     return user
 
 
@@ -253,10 +257,19 @@ def set_admin(acting: User, user_id: int, admin: bool) -> User:
     return user
 
 
-def reset_password(user_id: int) -> tuple[User, str]:
-    """Give a user a new random password; return it (shown once, never stored in clear)."""
+@dataclass(frozen=True)
+class PasswordReset:
+    user: User
+    password: str  # shown once, never stored in clear
+    sessions_ended: int
+    tokens_revoked: int
+
+
+def reset_password(user_id: int, revoke_tokens: bool) -> PasswordReset:
+    """Give a user a new random password and end every sign-in; revoke their API tokens if asked."""
     user = _user(user_id)
-    password = secrets.token_urlsafe(12)
+    password = secrets.token_urlsafe(12)  # 96 random bits: no strength check needed
     user.set_password(password)
-    db.session.commit()
-    return user, password
+    ended = sessions.end_all(user.id)
+    revoked = accounts.revoke_all_tokens(user.id) if revoke_tokens else 0
+    return PasswordReset(user, password, ended, revoked)

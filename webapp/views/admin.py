@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from ..auth import login_manager
+from ..auth import login_manager, sign_in
 from ..catalog import catalog
 from ..errors import AppError, ForbiddenError, ValidationError
 from ..extensions import db
@@ -16,6 +16,13 @@ from ..services import admin as service
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 REFRESH_SECONDS = 5
+
+
+@bp.after_request
+def no_store(response):
+    """Admin pages show everyone's data (and a reset shows a password): no cache may keep them."""
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
 
 
 @bp.before_request
@@ -107,7 +114,7 @@ def users():
     return _users_page()
 
 
-def _users_page(errors=None, values=None, new_password=None, status=200):
+def _users_page(errors=None, values=None, reset=None, status=200):
     db.session.rollback()
     return (
         render_template(
@@ -115,7 +122,7 @@ def _users_page(errors=None, values=None, new_password=None, status=200):
             users=service.list_users(),
             errors=errors or {},
             values=values or {},
-            new_password=new_password,
+            reset=reset,
         ),
         status,
     )
@@ -162,6 +169,7 @@ def set_admin(user_id: int):
 @bp.post("/users/<int:user_id>/password")
 def reset_password(user_id: int):
     """Set a new random password and show it once, on this response only (never in a cookie)."""
-    user, password = service.reset_password(user_id)
-    page, status = _users_page(new_password=(user.username, password))
-    return page, status, {"Cache-Control": "no-store"}
+    reset = service.reset_password(user_id, revoke_tokens=request.form.get("revoke_tokens") == "on")
+    if reset.user.id == current_user.id:
+        sign_in(reset.user)  # one's own reset ended this sign-in too: carry on under a new one
+    return _users_page(reset=reset)

@@ -21,10 +21,11 @@ from flask import (
     request,
     url_for,
 )
-from flask_login import current_user, login_required, login_user, logout_user
+from flask_login import current_user, login_required
 from markupsafe import Markup
 
 from .. import ratelimits
+from ..auth import sign_in, sign_out
 from ..catalog import catalog
 from ..errors import ConflictError, RateLimitedError, ValidationError
 from ..models import TaskStatus
@@ -112,18 +113,38 @@ def _client_address() -> str:
 
 
 def _account_key() -> str:
-    return (request.form.get("username") or "").strip().lower()[:100] or "-"
+    # The account page asks for the signed-in user's current password: that account is the one guessed at.
+    name = current_user.username if current_user.is_authenticated else request.form.get("username")
+    return (name or "").strip().lower()[:100] or "-"
 
 
-def _login_keys() -> list[tuple[str, str]]:
-    return [("LOGIN_LIMIT_PER_ADDRESS", _client_address()), ("LOGIN_LIMIT_PER_ACCOUNT", _account_key())]
+def _login_keys() -> list[tuple[str, ...]]:
+    """The failed sign-in counters this attempt is checked against: (setting, *key)."""
+    account, address = _account_key(), _client_address()
+    return [
+        ("LOGIN_LIMIT_PER_ACCOUNT_AND_ADDRESS", account, address),
+        ("LOGIN_LIMIT_PER_ACCOUNT", account),
+        ("LOGIN_LIMIT_PER_ADDRESS", address),
+    ]
 
 
-def _too_many_attempts(wait: int):
-    """Answer a throttled sign-in with the form and a plain message (429, Retry-After)."""
+def login_throttled() -> int | None:
+    """Return the seconds this sign-in attempt must wait, if a failed sign-in limit is used up."""
+    waits = [w for setting, *key in _login_keys() if (w := ratelimits.limits().wait(setting, *key))]
+    return max(waits) if waits else None
+
+
+def count_failed_login() -> None:
+    for setting, *key in _login_keys():
+        ratelimits.limits().hit(setting, *key)
+
+
+def too_many_attempts(wait: int, template: str = "login.html", **context):
+    """Answer a throttled sign-in (or password check) with its form and a plain message (429, Retry-After)."""
     when = f"{wait} seconds" if wait < 120 else f"{math.ceil(wait / 60)} minutes"
     error = f"Too many failed sign-ins. Wait {when} and try again."
-    response = make_response(render_template("login.html", error=error, username=request.form.get("username", "")))
+    context.setdefault("username", request.form.get("username", ""))
+    response = make_response(render_template(template, error=error, **context))
     response.status_code = 429
     response.headers["Retry-After"] = str(wait)
     return response
@@ -131,30 +152,29 @@ def _too_many_attempts(wait: int):
 
 @bp.route("/login", methods=["GET", "POST"])
 def login():
-    """Sign in. Failed attempts count per account name and per address; over either limit, sign-in waits."""
+    """Sign in. Failed attempts are counted (see _login_keys); over a limit, sign-in waits."""
     if current_user.is_authenticated:
         return redirect(url_for("pages.index"))
     error = None
     username = ""
     if request.method == "POST":
-        waits = [ratelimits.limits().wait(setting, key) for setting, key in _login_keys()]
-        if any(waits):
-            return _too_many_attempts(max(w for w in waits if w))
+        wait = login_throttled()
+        if wait:
+            return too_many_attempts(wait)
         username = request.form.get("username", "").strip()
         user = accounts.authenticate(username, request.form.get("password", ""))
         if user is not None:
-            login_user(user)
+            sign_in(user)
             return redirect(_safe_next(request.args.get("next")))
         # Only failures count: signing in successfully costs nothing.
-        for setting, key in _login_keys():
-            ratelimits.limits().hit(setting, key)
+        count_failed_login()
         error = "Wrong username or password."
     return render_template("login.html", error=error, username=username)
 
 
 @bp.post("/logout")
 def logout():
-    logout_user()
+    sign_out()
     flash("You are signed out.", "info")
     return redirect(url_for("pages.login"))
 
