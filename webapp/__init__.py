@@ -8,7 +8,7 @@ from flask_openapi3 import Info, OpenAPI, SecurityScheme
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as cfg
-from . import queues, ratelimits, security
+from . import json_depth, queues, ratelimits, security
 from .extensions import csrf, db, login_manager, migrate, ping_after_idle
 from .logs import setup_logging
 from .schemas import PROMPT_CEILING, ErrorEnvelope
@@ -75,6 +75,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.extensions["redis"] = queues.connect(app.config["REDIS_URL"])
     ratelimits.init_app(app)
     security.init_app(app)
+    json_depth.init_app(app)
 
     from .catalog import load_catalog
 

@@ -34,6 +34,8 @@ class Config:
 
     PROMPT_MAX_CHARS = 32_000
     MAX_CONTENT_LENGTH = 1024 * 1024
+    # API JSON bodies nested deeper than this are refused before parsing (webapp/json_depth.py).
+    JSON_MAX_DEPTH = 32
     # Attempts a task gets (each provider call is one); user retries add as many again.
     TASK_MAX_ATTEMPTS = 3
     RETRY_BASE_SECONDS = 2.0
