@@ -5,30 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_local_model import free_port, wait_http
-
-EMBEDDED_UNSET = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "MODELS_FILE", "DEFAULT_MODEL")
-
-
-def loose_modes(folder: Path) -> list[str]:
-    """Everything under `folder` (itself included) that another local user could read or enter."""
-    found = []
-    for path in [folder, *folder.rglob("*")]:
-        mode = stat.S_IMODE(path.lstat().st_mode)
-        wanted = 0o700 if path.is_dir() else 0o600
-        if mode & 0o077 or (mode | wanted) != wanted:
-            found.append(f"{path.relative_to(folder.parent)} {mode:o}")
-    return found
+from tests.helpers import EMBEDDED_UNSET, ROOT, free_port, loose_modes, wait_http
 
 
 def request(method: str, url: str, token: str, body: dict | None = None) -> dict:

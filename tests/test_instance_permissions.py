@@ -12,8 +12,7 @@ from pathlib import Path
 
 from redis import Redis
 
-from tests.conftest import ROOT
-from tests.test_embedded import EMBEDDED_UNSET, loose_modes
+from tests.helpers import EMBEDDED_UNSET, ROOT, loose_modes
 
 
 def bootstrap(instance: Path) -> None:
@@ -47,7 +46,7 @@ def test_an_older_loose_instance_is_tightened(tmp_path):
 
 
 def test_the_embedded_valkeys_files_and_socket_are_private(tmp_path):
-    from webapp.runner import start_valkey
+    from webapp.supervisor import start_valkey
 
     instance = tmp_path / "instance"
     previous = os.umask(0o022)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import make_user
-from tests.test_pages import csrf_from, login
+from tests.helpers import csrf_from, login, make_user
 from webapp.errors import ValidationError
 from webapp.services import accounts
 

@@ -16,10 +16,9 @@ from urllib.parse import quote
 
 import pytest
 
-from tests import test_browser
-from tests.conftest import api_client, make_user, task_row
-from tests.test_browser import sign_in, wait_finished
-from tests.test_pages import login
+from tests import browser as parts
+from tests.browser import expect, needs_chromium, sign_in, wait_finished
+from tests.helpers import ROOT, api_client, login, make_user, task_row
 
 # Break out of `$(this).val('…')` inside a handler, at the top level of the page's script
 # (no "/" in them: a path segment cannot hold one).
@@ -118,16 +117,11 @@ def test_real_values_still_work(app):
     assert '$(this).val("default")' in page
 
 
-browser, page, server, watch, worker = (
-    test_browser.browser,
-    test_browser.page,
-    test_browser.server,
-    test_browser.watch,
-    test_browser.worker,
-)
+# The browser fixtures, taken by name: a server thread, a worker process, Chromium, a watched page.
+browser, page, server, watch, worker = parts.browser, parts.page, parts.server, parts.watch, parts.worker
 
 
-@test_browser.pytestmark
+@needs_chromium
 def test_crafted_dashboard_links_run_nothing_in_chromium(page, app, server, watch):
     api = api_client(app)
     task = api.submit("a job to look at", priority=1)
@@ -139,7 +133,7 @@ def test_crafted_dashboard_links_run_nothing_in_chromium(page, app, server, watc
         page.goto(path)
     # And the real pages still run their own scripts under their policy.
     page.goto("/admin/rq/0/view/jobs/default/finished/8/asc/1")
-    test_browser.expect(page.locator("#jobs tbody tr").first).to_contain_text(re.compile(r"task \d+|No jobs"))
+    expect(page.locator("#jobs tbody tr").first).to_contain_text(re.compile(r"task \d+|No jobs"))
     assert not watch.dialogs and not [url for url in watch.requests if not url.startswith(server + "/")]
 
 
@@ -148,7 +142,7 @@ ADMIN_LINKS = """Read [the users page](/admin/users), [this](../admin/rq/0/view/
 and [your history](/tasks)."""
 
 
-@test_browser.pytestmark
+@needs_chromium
 def test_links_into_admin_in_an_answer_are_not_clickable_for_an_admin(page, app, server, fake_provider):
     host = server.split("//", 1)[1]
     answer = ADMIN_LINKS.format(host=host)
@@ -159,11 +153,11 @@ def test_links_into_admin_in_an_answer_are_not_clickable_for_an_admin(page, app,
     sign_in(page, "root")
     page.goto(f"/tasks/{task['id']}")
     markdown = page.locator(".answer .markdown")
-    test_browser.expect(markdown).to_contain_text("the users page")
+    expect(markdown).to_contain_text("the users page")
     hrefs = markdown.locator("a").evaluate_all("links => links.map(a => a.href)")
     assert not [href for href in hrefs if "/admin" in href or "%61dmin" in href], hrefs
     assert "https://example.org/docs" in hrefs and f"{server}/tasks" in hrefs
-    test_browser.expect(markdown).to_contain_text("/admin/users")  # the address is shown, as text
+    expect(markdown).to_contain_text("/admin/users")  # the address is shown, as text
 
 
 @pytest.mark.parametrize(
@@ -204,8 +198,6 @@ def test_the_renderer_keeps_other_links(app):
 def test_every_value_in_rq_dashboards_scripts_is_json_except_the_one_we_override():
     """Their .js templates are not autoescaped: a value there must go through |tojson."""
     import rq_dashboard
-
-    from tests.conftest import ROOT
 
     upstream = Path(rq_dashboard.__file__).parent / "templates"
     raw = []

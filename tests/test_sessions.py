@@ -8,13 +8,17 @@ from datetime import timedelta
 
 from sqlalchemy import event, update
 
-from tests.conftest import PASSWORD, api_client, make_user
-from tests.test_pages import csrf_from, login, post_form
+from tests.helpers import PASSWORD, api_client, csrf_from, login, make_user
 from webapp.extensions import db
 from webapp.models import User, UserSession, utcnow
 from webapp.services import accounts, sessions
 
 NEW_PASSWORD = "plum lantern orbit"
+
+
+def post_form(client, path: str, page: str = "/"):
+    token = csrf_from(client.get(page).text)
+    return client.post(path, data={"csrf_token": token})
 
 
 def signed_in(app, username: str = "alice", password: str = PASSWORD):

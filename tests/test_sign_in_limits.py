@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import PASSWORD, make_user
-from tests.test_pages import csrf_from
+from tests.helpers import PASSWORD, csrf_from, make_user
 
 
 @pytest.fixture

@@ -81,8 +81,8 @@ def create_app(overrides: dict | None = None) -> App:
 
     app.extensions["catalog"] = load_catalog(app.config)
 
-    from . import admin, auth, cli, metrics  # noqa: F401 (auth registers the session user loader)
-    from .views import account, api, errors, pages
+    from . import auth, cli, rq_dashboard  # noqa: F401 (auth registers the session user loader)
+    from .views import account, api, errors, metrics, pages
     from .views import admin as admin_views
 
     if not app.config.get("TESTING"):
@@ -94,7 +94,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.register_blueprint(account.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(metrics.bp)
-    admin.init_app(app)
+    rq_dashboard.init_app(app)
     cli.init_app(app)
     return app
 

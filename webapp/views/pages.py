@@ -130,13 +130,13 @@ def _login_keys() -> list[tuple[str, ...]]:
 
 def login_throttled() -> int | None:
     """Return the seconds this sign-in attempt must wait, if a failed sign-in limit is used up."""
-    waits = [w for setting, *key in _login_keys() if (w := ratelimits.limits().wait(setting, *key))]
+    waits = [w for setting, *key in _login_keys() if (w := ratelimits.rate_limits().wait(setting, *key))]
     return max(waits) if waits else None
 
 
 def count_failed_login() -> None:
     for setting, *key in _login_keys():
-        ratelimits.limits().hit(setting, *key)
+        ratelimits.rate_limits().hit(setting, *key)
 
 
 def too_many_attempts(wait: int, template: str = "login.html", **context):
