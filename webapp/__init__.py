@@ -49,6 +49,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", cfg.database_uri(app.config["DATABASE_URL"], instance))
     app.config["REDIS_URL"] = cfg.redis_url(app.config["REDIS_URL"], instance)
     app.config["SECRET_KEY"] = cfg.secret_key(app.config["SECRET_KEY"], app.config["APP_ENV"], instance)
+    app.config["TRUSTED_HOSTS"] = cfg.trusted_hosts(app.config["TRUSTED_HOSTS"], app.config["APP_ENV"])
     options = app.config["SQLALCHEMY_ENGINE_OPTIONS"] = dict(app.config["SQLALCHEMY_ENGINE_OPTIONS"])
     # A database error's message (which is logged) never carries the statement's values:
     # prompts, password hashes, token digests.

@@ -68,6 +68,11 @@ class Config:
     # database is unreachable, before it leaves the task to the sweeper.
     DB_RETRY_SECONDS = 60.0
 
+    # The host names this server answers for, comma-separated ("tasks.example.org", ".example.org"
+    # for every subdomain). Another Host header is a 400, never reflected into a redirect or a
+    # link. Required with APP_ENV=production; unset elsewhere (any host, as `make run` needs).
+    TRUSTED_HOSTS: list[str] | None = None
+
     # Set to the number of proxies in front of the app (1 behind one TLS proxy) so client
     # addresses and https are read from X-Forwarded-*; 0 trusts no such header.
     TRUSTED_PROXIES = 0
@@ -137,6 +142,8 @@ def _parse(name: str, value: str, default):
         raise ValueError(f"{name} must be a number, not {value!r}") from None
     if isinstance(default, dict | list):
         return json.loads(value)
+    if name == "TRUSTED_HOSTS":
+        return [host.strip() for host in value.split(",") if host.strip()] or None
     return value
 
 
@@ -191,6 +198,22 @@ SECRET_KEY_ADVICE = (
     f"Set it to a random string of at least {SECRET_KEY_MIN} characters, for example the output of "
     "`python -c 'import secrets; print(secrets.token_hex(32))'`."
 )
+
+
+TRUSTED_HOSTS_ADVICE = (
+    "Set TRUSTED_HOSTS to the host names this server answers for, comma-separated (for example "
+    "TRUSTED_HOSTS=tasks.example.org), so a request with another Host header is refused rather than "
+    "reflected into redirects."
+)
+
+
+def trusted_hosts(configured: list[str] | None, app_env: str) -> list[str] | None:
+    """Return the trusted host names; production must name them."""
+    if configured:
+        return list(configured)
+    if app_env == "production":
+        raise RuntimeError(f"TRUSTED_HOSTS is not set. {TRUSTED_HOSTS_ADVICE}")
+    return None
 
 
 def secret_key(configured: str | None, app_env: str, instance: Path) -> str:

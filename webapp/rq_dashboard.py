@@ -117,7 +117,9 @@ def _url_values_ok(args: dict) -> bool:
 
 
 def csrf_cookie(response: Response) -> Response:
-    """Hand rq-dashboard's script our CSRF token, on its own pages only."""
+    """Hand rq-dashboard's script our CSRF token, on its own pages only; let no cache keep them."""
+    if request.blueprint == BLUEPRINT and request.endpoint != f"{BLUEPRINT}.static":
+        response.headers.setdefault("Cache-Control", "no-store")
     if request.blueprint == BLUEPRINT and response.mimetype == "text/html" and current_user.is_authenticated:
         response.set_cookie(
             CSRF_COOKIE,

@@ -136,9 +136,12 @@ class Check(BaseModel):
 
 
 class Health(BaseModel):
+    """Anyone gets each check's status; the version and the checks' details (latency, count,
+    error) only with an admin's API token or METRICS_TOKEN as the bearer."""
+
     status: Literal["healthy", "unhealthy"]
     app_name: str
-    version: str
+    version: str | None
     timestamp: datetime
     checks: dict[str, Check]
 

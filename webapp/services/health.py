@@ -1,4 +1,10 @@
-"""Health: can we reach the database and Redis, and are workers alive?"""
+"""Health: can we reach the database and Redis, and are workers alive?
+
+Anyone may ask (load balancers, compose's healthcheck), and anyone gets the contract's shape,
+but only "healthy" or not and each check's status: the version, latencies, worker counts and
+error classes help an attacker more than a monitor, so they go only to admins' API tokens and
+the METRICS_TOKEN bearer (webapp/views/api.py decides who).
+"""
 
 from __future__ import annotations
 
@@ -54,4 +60,13 @@ def report(app_name: str, version: str) -> dict:
         "version": version,
         "timestamp": utcnow().isoformat().replace("+00:00", "Z"),
         "checks": checks,
+    }
+
+
+def public(report: dict) -> dict:
+    """Return the report for anyone: the same keys, no version, each check's status only."""
+    return {
+        **report,
+        "version": None,
+        "checks": {name: {"status": check["status"]} for name, check in report["checks"].items()},
     }

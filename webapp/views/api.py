@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hmac
+
 from flask import current_app, g, jsonify, request, url_for
 from flask_openapi3 import APIBlueprint, Tag
+from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import __version__
-from ..auth import api_user
+from ..auth import api_user, bearer_token
 from ..catalog import catalog
 from ..errors import AuthError, ValidationError
+from ..extensions import db
 from ..schemas import (
     ErrorEnvelope,
     Health,
@@ -193,8 +197,25 @@ def list_models():
     responses={200: Health, 422: ErrorEnvelope, 503: Health},
 )
 def health():
+    """Healthy or not, for anyone; the version and each check's details for an admin's token or METRICS_TOKEN."""
     report = health_service.report(current_app.config["APP_NAME"], __version__)
-    return report, 200 if report["status"] == "healthy" else 503
+    status = 200 if report["status"] == "healthy" else 503
+    return (report if _sees_health_details() else health_service.public(report)), status
+
+
+def _sees_health_details() -> bool:
+    token = bearer_token()
+    if token is None:
+        return False
+    expected = current_app.config.get("METRICS_TOKEN")
+    if expected and hmac.compare_digest(token.encode(), expected.encode()):
+        return True
+    try:
+        user = api_user()
+    except SQLAlchemyError:  # the database is what is down: the report says so, to anyone
+        db.session.rollback()
+        return False
+    return user is not None and user.is_admin
 
 
 @bp.get("/openapi.json", tags=[meta_tag], summary="This document", doc_ui=False)

@@ -7,7 +7,7 @@ import traceback
 
 from flask import Flask, jsonify, make_response, render_template, request
 from sqlalchemy.exc import DBAPIError, OperationalError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, SecurityError
 
 from ..auth import user_or_anonymous
 from ..errors import AppError, RateLimitedError
@@ -78,7 +78,17 @@ def database_error_summary(exc: DBAPIError) -> str:
     return f"{type(exc).__name__} ({type(orig).__name__}): {primary or 'no message from the driver'}"
 
 
+def untrusted_host(_exc: SecurityError):
+    """Refuse a Host header outside TRUSTED_HOSTS: plain text, since no URL can be built for it."""
+    response = make_response("This server does not answer for that host name: check the address you used.\n", 400)
+    response.mimetype = "text/plain"
+    return response
+
+
 def init_app(app: Flask) -> None:
+    # Before the HTTPException handler: an error page would build links on the untrusted host.
+    app.register_error_handler(SecurityError, untrusted_host)
+
     @app.errorhandler(AppError)
     def app_error(exc: AppError):
         db.session.rollback()
