@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test test-faults bench wrk lint install install-dev browser clean
+.PHONY: run test test-faults bench wrk lint install install-dev browser nginx clean
 
 $(VENV)/.runtime: requirements.txt requirements-model.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
@@ -30,7 +30,11 @@ run: install
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-test: install-dev browser
+# The proxy's tests run Debian's nginx with deploy/nginx.conf.template (and openssl for a certificate).
+nginx:
+	@command -v nginx >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx-light openssl; }
+
+test: install-dev browser nginx
 	$(PY) -m pytest
 
 # The fault suite (README "Reliability"): kills workers, Redis and PostgreSQL; about 7 minutes on 2 cores.
