@@ -12,6 +12,7 @@ import re
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -269,3 +270,26 @@ def loose_modes(folder: Path) -> list[str]:
         if mode & 0o077 or (mode | wanted) != wanted:
             found.append(f"{path.relative_to(folder.parent)} {mode:o}")
     return found
+
+
+# gunicorn with the project's gunicorn.conf.py
+
+
+def start_gunicorn(env: dict, log_path: Path, *options: str) -> tuple[subprocess.Popen, str]:
+    """Start gunicorn on a free port with the project's config; return the process and its base URL."""
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "wsgi:app", "--config", str(ROOT / "gunicorn.conf.py")]
+            + ["--bind", "127.0.0.1:0", "--workers", "1", *options],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while not (match := re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", log_path.read_text())):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise AssertionError(f"gunicorn did not start:\n{log_path.read_text()}")
+        time.sleep(0.1)
+    return server, match.group(1)

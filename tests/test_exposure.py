@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.helpers import ROOT, api_client, app_with, login, make_user
+from tests.helpers import api_client, app_with, login, make_user, start_gunicorn
 
 # -- the Host header -----------------------------------------------------------------------------
 
@@ -93,24 +90,10 @@ def test_health_without_a_database_still_answers_a_token_holder(app):
 @pytest.fixture(scope="module")
 def gunicorn(test_env, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("gunicorn") / "server.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "wsgi:app", "--config", str(ROOT / "gunicorn.conf.py")]
-            + ["--bind", "127.0.0.1:0", "--workers", "1", "--worker-class", "gthread", "--threads", "2"],
-            cwd=ROOT,
-            env=test_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while not (match := re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", log_path.read_text())):
-            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        yield int(match.group(1))
-    finally:
-        server.terminate()
-        server.wait(30)
+    server, base = start_gunicorn(test_env, log_path, "--worker-class", "gthread", "--threads", "2")
+    yield int(base.rsplit(":", 1)[1])
+    server.terminate()
+    server.wait(30)
 
 
 def raw_request(port: int, data: bytes) -> bytes:

@@ -7,8 +7,6 @@ import contextlib
 import hashlib
 import logging
 import re
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +15,17 @@ import pytest
 from sqlalchemy import text
 
 from tests.api_schema import schema
-from tests.helpers import PASSWORD, ROOT, api_client, app_with, csrf_from, error_of, login, make_user, redis_conn
+from tests.helpers import (
+    PASSWORD,
+    api_client,
+    app_with,
+    csrf_from,
+    error_of,
+    login,
+    make_user,
+    redis_conn,
+    start_gunicorn,
+)
 from webapp import config as cfg
 from webapp import create_app
 from webapp.extensions import db
@@ -380,21 +388,9 @@ def test_sign_in_logs_no_password(app, client, caplog):
 def test_the_access_log_keeps_no_query_strings(app, api, test_env, tmp_path):
     """gunicorn with the project's gunicorn.conf.py: paths and statuses logged, query strings not."""
     log_path = tmp_path / "access.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "wsgi:app", "--config", str(ROOT / "gunicorn.conf.py")]
-            + ["--bind", "127.0.0.1:0", "--workers", "1", "--access-logfile", "-"],
-            cwd=ROOT,
-            env=test_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    server, base = start_gunicorn(test_env, log_path, "--access-logfile", "-")
     try:
         deadline = time.monotonic() + 60
-        while not (match := re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", log_path.read_text())):
-            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        base = match.group(1)
         for path in (f"/api/v1/tasks?access_token={api.token}", "/tasks?q=private+search+words"):
             with contextlib.suppress(urllib.error.HTTPError):  # the 401 is what we want
                 urllib.request.urlopen(base + path, timeout=10)
