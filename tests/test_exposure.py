@@ -22,6 +22,11 @@ def test_a_host_not_in_trusted_hosts_is_refused_not_reflected(app):
         assert response.status_code == 400, (path, response.status)
         assert "evil.example" not in response.headers.get("Location", "") and "evil.example" not in response.text
         assert response.headers["X-Content-Type-Options"] == "nosniff"
+    for path in ("/login", "/api/v1/tasks", "/tasks"):  # a POST meets the JSON depth check first
+        response = client.post(
+            path, data=b"[" * 100, headers={"Host": "evil.example", "Content-Type": "application/json"}
+        )
+        assert response.status_code == 400 and response.mimetype == "text/plain", (path, response.status)
     good = client.get("/", headers={"Host": "tasks.example.org"})
     assert good.status_code == 302 and good.headers["Location"] == "/login?next=/"
 

@@ -43,6 +43,8 @@ def wants_json() -> bool:
 
 def error_response(status: int, message: str, details: dict | None = None, code: str | None = None, headers=None):
     """Render an error for the caller: the JSON envelope for the API, a page otherwise."""
+    if isinstance(request.routing_exception, SecurityError):
+        return untrusted_host(request.routing_exception)  # whatever else failed: no page for that host
     code = code or CODES.get(status, "error")
     if wants_json():
         response = jsonify({"error": {"code": code, "message": message, "details": details}})
