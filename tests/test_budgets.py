@@ -10,8 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from tests.conftest import api_client, make_user
-from tests.test_pages import login
+from tests.helpers import api_client, login, make_user
 from webapp.errors import BudgetExceededError
 from webapp.extensions import db
 from webapp.models import User, utcnow

@@ -6,9 +6,8 @@ from decimal import Decimal
 
 import pytest
 
-from tests.conftest import make_user
+from tests.helpers import csrf_from, login, make_user
 from tests.priced import make_priced_app, priced_models
-from tests.test_pages import csrf_from, login
 from webapp import create_app, money
 from webapp.catalog import load_catalog
 from webapp.extensions import db
@@ -88,7 +87,7 @@ def test_fallback_cycles_are_refused_naming_the_key(models, cycle):
 
 
 def test_models_api_shows_prices_and_fallbacks(app, fake_provider):
-    from tests.conftest import ApiClient
+    from tests.helpers import ApiClient
     from webapp.services import accounts
 
     priced = make_priced_app(app, fake_provider.url)
