@@ -162,7 +162,7 @@ def test_users_budget_sets_dollars_none_and_default(runner, app):
 def test_users_budget_refuses_bad_amounts_and_changes_nothing(runner, app, value, words):
     make_user(app, "alice")
     runner.invoke(args=["users", "budget", "alice", "3"])
-    result = runner.invoke(args=["users", "budget", "alice", "--", value])
+    result = runner.invoke(args=["users", "budget", "alice", value])
     assert result.exit_code != 0 and words in result.output
     assert budget_of(app, "alice") == (False, Decimal(3))
 

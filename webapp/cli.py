@@ -44,7 +44,8 @@ def create_user(name: str, admin: bool, password_stdin: bool) -> None:
     click.echo(f"Created {'admin' if user.is_admin else 'user'} {user.username}.")
 
 
-@users.command("budget")
+# ignore_unknown_options: a negative amount ("-3") is an amount to refuse with a reason, not an option.
+@users.command("budget", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("usd")
 def set_budget(name: str, usd: str) -> None:
