@@ -180,8 +180,8 @@ class Task(db.Model):
     # `reserved_month` while the task is unfinished (webapp/services/budgets.py).
     reserved_usd: Mapped[Decimal | None] = mapped_column(Amount)
     reserved_month: Mapped[date | None] = mapped_column(Date)
-    # One entry per provider call: {"attempt", "model", "outcome"}; the task page tells the story.
-    attempt_log: Mapped[list | None] = mapped_column(JsonDoc)
+    # The model of its fallback chain the task runs on now; NULL while it is still on `model`.
+    active_model: Mapped[str | None] = mapped_column(String(100))
     # The RQ job of the latest enqueue; only the sweeper and cancellation look at it.
     job_id: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -228,6 +228,27 @@ class Task(db.Model):
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.status}>"
+
+
+class TaskAttempt(db.Model):
+    """A provider call of a task that did not answer: which model, and what went wrong.
+
+    The answering call is the task's `served_by`; with these the task page tells the story
+    ("local → gpt-4o-mini after 3 × HTTP 500").
+    """
+
+    __tablename__ = "task_attempts"
+
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(100))
+    # The error class (provider_error, timeout, rate_limited, context_length, circuit_open, ...)
+    # and a few words for people ("HTTP 500").
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(String(200))
+    # Whether this attempt moved the task on to the next model of its chain.
+    fell_back: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class UsageMonth(db.Model):

@@ -1,4 +1,4 @@
-"""costs, budgets and usage: task cost, reservation, served_by and attempt log; user budgets; usage ledgers
+"""costs, budgets and usage: task cost, reservation, served_by, active model, failed attempts; user budgets; usage ledgers
 
 Money is NUMERIC: costs, reservations and spend with 12 decimal places (a token at a price
 with 6 decimals per million), prices and budgets with 6.
@@ -10,7 +10,6 @@ Create Date: 2026-12-06
 """
 from alembic import op
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
 # revision identifiers, used by Alembic.
 revision = '0009'
@@ -35,9 +34,19 @@ def upgrade():
         batch_op.add_column(sa.Column('cost_usd', AMOUNT, nullable=True))
         batch_op.add_column(sa.Column('reserved_usd', AMOUNT, nullable=True))
         batch_op.add_column(sa.Column('reserved_month', sa.Date(), nullable=True))
-        batch_op.add_column(
-            sa.Column('attempt_log', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=True)
-        )
+        batch_op.add_column(sa.Column('active_model', sa.String(length=100), nullable=True))
+
+    op.create_table('task_attempts',
+    sa.Column('task_id', BIGID, nullable=False),
+    sa.Column('attempt', sa.Integer(), nullable=False),
+    sa.Column('model', sa.String(length=100), nullable=False),
+    sa.Column('kind', sa.String(length=32), nullable=False),
+    sa.Column('detail', sa.String(length=200), nullable=False),
+    sa.Column('fell_back', sa.Boolean(), server_default=sa.text('false'), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['task_id'], ['tasks.id'], name=op.f('fk_task_attempts_task_id_tasks'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('task_id', 'attempt', name=op.f('pk_task_attempts'))
+    )
 
     op.create_table('usage_months',
     sa.Column('user_id', BIGID, nullable=False),
@@ -65,11 +74,12 @@ def upgrade():
 
 def downgrade():
     op.drop_table('usage_days')
+    op.drop_table('task_attempts')
     with op.batch_alter_table('usage_months', schema=None) as batch_op:
         batch_op.drop_index('ix_usage_months_month')
     op.drop_table('usage_months')
     with op.batch_alter_table('tasks', schema=None) as batch_op:
-        for column in ('attempt_log', 'reserved_month', 'reserved_usd', 'cost_usd', 'usd_per_million_output_tokens',
+        for column in ('active_model', 'reserved_month', 'reserved_usd', 'cost_usd', 'usd_per_million_output_tokens',
                        'usd_per_million_input_tokens', 'served_by'):
             batch_op.drop_column(column)
     with op.batch_alter_table('users', schema=None) as batch_op:
