@@ -239,8 +239,10 @@ class TaskAttempt(db.Model):
 
     __tablename__ = "task_attempts"
 
-    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True)
-    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    # The task's attempt number then (a move on from an open circuit breaker spends none).
+    attempt: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(100))
     # The error class (provider_error, timeout, rate_limited, context_length, circuit_open, ...)
     # and a few words for people ("HTTP 500").

@@ -37,6 +37,7 @@ def upgrade():
         batch_op.add_column(sa.Column('active_model', sa.String(length=100), nullable=True))
 
     op.create_table('task_attempts',
+    sa.Column('id', BIGID, nullable=False),
     sa.Column('task_id', BIGID, nullable=False),
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('model', sa.String(length=100), nullable=False),
@@ -45,8 +46,10 @@ def upgrade():
     sa.Column('fell_back', sa.Boolean(), server_default=sa.text('false'), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['task_id'], ['tasks.id'], name=op.f('fk_task_attempts_task_id_tasks'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('task_id', 'attempt', name=op.f('pk_task_attempts'))
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_task_attempts'))
     )
+    with op.batch_alter_table('task_attempts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_task_attempts_task_id'), ['task_id'], unique=False)
 
     op.create_table('usage_months',
     sa.Column('user_id', BIGID, nullable=False),
