@@ -45,6 +45,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.config.update(overrides or {})
     if not 1 <= app.config["PROMPT_MAX_CHARS"] <= PROMPT_CEILING:
         raise ValueError(f"PROMPT_MAX_CHARS must be between 1 and {PROMPT_CEILING:,}")
+    app.config["DEFAULT_MONTHLY_BUDGET_USD"] = cfg.monthly_budget(app.config["DEFAULT_MONTHLY_BUDGET_USD"])
     instance = Path(app.instance_path)
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", cfg.database_uri(app.config["DATABASE_URL"], instance))
     app.config["REDIS_URL"] = cfg.redis_url(app.config["REDIS_URL"], instance)
@@ -83,7 +84,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.extensions["catalog"] = load_catalog(app.config)
 
     from . import auth, cli, rq_dashboard  # noqa: F401 (auth registers the session user loader)
-    from .views import account, api, errors, metrics, pages
+    from .views import account, api, errors, metrics, pages, usage
     from .views import admin as admin_views
 
     if not app.config.get("TESTING"):
@@ -93,6 +94,7 @@ def create_app(overrides: dict | None = None) -> App:
     csrf.exempt(api.bp)  # bearer tokens only: no cookies, so no cross-site forgery
     app.register_blueprint(pages.bp)
     app.register_blueprint(account.bp)
+    app.register_blueprint(usage.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(metrics.bp)
     rq_dashboard.init_app(app)

@@ -27,6 +27,13 @@ def _fail(exc: AppError):
     raise click.ClickException(exc.message)
 
 
+def _existing_user(name: str) -> User:
+    user = accounts.find_user(name)
+    if user is None:
+        raise click.ClickException(f"No user named {name!r}. Create one with `flask --app wsgi users create {name}`.")
+    return user
+
+
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -52,9 +59,7 @@ def create_user(name: str, admin: bool, password_stdin: bool) -> None:
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
 def set_password(name: str, password_stdin: bool) -> None:
     """Give user NAME a new password (a lost password's way back); every sign-in of theirs ends."""
-    user = accounts.find_user(name)
-    if user is None:
-        raise click.ClickException(f"No user named {name!r}. Create one with `flask --app wsgi users create {name}`.")
+    user = _existing_user(name)
     try:
         ended = accounts.set_password(user, _read_password(password_stdin))
     except AppError as exc:
@@ -62,14 +67,28 @@ def set_password(name: str, password_stdin: bool) -> None:
     click.echo(f"Password set for {user.username}; {ended} {'sign-in' if ended == 1 else 'sign-ins'} ended.")
 
 
+# ignore_unknown_options: a negative amount ("-3") is an amount to refuse with a reason, not an option.
+@users.command("budget", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("usd")
+def set_budget(name: str, usd: str) -> None:
+    """Set user NAME's monthly budget: dollars (25, 12.50), none for no limit, or default."""
+    from .services import budgets
+
+    user = _existing_user(name)
+    try:
+        budgets.set_budget(user, usd)
+    except AppError as exc:
+        _fail(exc)
+    click.echo(f"{user.username}'s monthly budget is {budgets.describe_budget(user)}.")
+
+
 @tokens.command("create")
 @click.argument("name")
 @click.option("--label", default="cli", show_default=True, help="A name for the token.")
 def create_token(name: str, label: str) -> None:
     """Create an API token for user NAME; the token is printed alone on the last line."""
-    user = accounts.find_user(name)
-    if user is None:
-        raise click.ClickException(f"No user named {name!r}. Create one with `flask --app wsgi users create {name}`.")
+    user = _existing_user(name)
     try:
         _, token = accounts.create_token(user, label)
     except AppError as exc:
