@@ -276,11 +276,15 @@ def loose_modes(folder: Path) -> list[str]:
 
 
 def start_gunicorn(env: dict, log_path: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    """Start gunicorn on a free port with the project's config; return the process and its base URL."""
+    """Start gunicorn on a free port with the project's config; return the process and its base URL.
+
+    `--preload` loads the app before gunicorn says it listens, so the first request does not wait
+    for a worker to import it (many seconds on a loaded machine).
+    """
     with log_path.open("w") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "wsgi:app", "--config", str(ROOT / "gunicorn.conf.py")]
-            + ["--bind", "127.0.0.1:0", "--workers", "1", *options],
+            + ["--bind", "127.0.0.1:0", "--workers", "1", "--preload", *options],
             cwd=ROOT,
             env=env,
             stdout=log,

@@ -102,7 +102,7 @@ def gunicorn(test_env, tmp_path_factory):
 
 
 def raw_request(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(data)
         chunks = []
         while chunk := sock.recv(65536):
