@@ -82,7 +82,7 @@ def create_app(overrides: dict | None = None) -> App:
 
     from . import admin, auth, cli, metrics  # noqa: F401 (auth registers the session user loader)
     from .views import admin as admin_views
-    from .views import api, errors, pages
+    from .views import api, api_events, api_webhooks, errors, pages  # noqa: F401 (their routes join api.bp)
 
     if not app.config.get("TESTING"):
         setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])

@@ -70,6 +70,11 @@ COUNTERS = {
             (),
         ),
         Spec("atr_circuit_opened", "Times a model's circuit breaker opened.", ("model",)),
+        Spec(
+            "atr_webhook_deliveries",
+            "Webhook tries by outcome: delivered, retried (failed, another try is due) or failed (no tries left).",
+            ("outcome",),
+        ),
     )
 }
 HISTOGRAMS = {
@@ -155,6 +160,7 @@ class AppCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from self._status_gauges()
+        yield from self._webhook_gauges()
         yield from self._redis_families()
 
     def _status_gauges(self) -> Iterator[Metric]:
@@ -163,6 +169,15 @@ class AppCollector:
         gauge = GaugeMetricFamily("atr_tasks", "Tasks in the database by status, now.", labels=["status"])
         for status, count in status_counts(self.connection).items():
             gauge.add_metric([status], count)
+        yield gauge
+
+    def _webhook_gauges(self) -> Iterator[Metric]:
+        from .services.outbox import oldest_pending_age
+
+        gauge = GaugeMetricFamily(
+            "atr_webhook_oldest_undelivered_seconds", "Age of the oldest webhook event not delivered yet (0: none)."
+        )
+        gauge.add_metric([], oldest_pending_age())
         yield gauge
 
     def _redis_families(self) -> Iterator[Metric]:
