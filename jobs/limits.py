@@ -190,7 +190,7 @@ def estimate_tokens(prompt_chars: int, system: str | None, max_tokens: int) -> i
     return (prompt_chars + len(system or "")) // 4 + max_tokens
 
 
-class Limits:
+class ModelLimits:
     """The shared limits of every model, on one Redis connection."""
 
     def __init__(self, connection: Redis, lease_seconds: float):
@@ -297,8 +297,8 @@ def line_place(priority: int, task_id: int) -> int:
     return (10 - priority) * 10**12 + task_id
 
 
-def limits() -> Limits:
-    """Return the current app's limits (made on first use, on the app's Redis client)."""
+def model_limits() -> ModelLimits:
+    """Return the current app's per-model limits (made on first use, on the app's Redis client)."""
     from flask import current_app
 
     from webapp.queues import redis
@@ -306,5 +306,5 @@ def limits() -> Limits:
     app = current_app._get_current_object()
     found = app.extensions.get("model_limits")
     if found is None:
-        found = app.extensions["model_limits"] = Limits(redis(), float(app.config["LEASE_SECONDS"]))
+        found = app.extensions["model_limits"] = ModelLimits(redis(), float(app.config["LEASE_SECONDS"]))
     return found

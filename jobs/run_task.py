@@ -35,7 +35,7 @@ from webapp.services.tasks import job_timeout
 
 from . import events, progress
 from .breaker import Breaker
-from .limits import Hold, estimate_tokens, limits, line_place
+from .limits import Hold, estimate_tokens, line_place, model_limits
 from .progress import Claim, database_unavailable, with_database
 from .provider import ProviderError, Usage, stream_answer
 from .shutdown import drain
@@ -85,7 +85,7 @@ def run_task(task_id: int) -> str:
         return _run_claimed(task_id, job_id, label, spec, hold)
     finally:
         if hold is not None:
-            wake(spec, limits().release(hold, hold.used))
+            wake(spec, model_limits().release(hold, hold.used))
 
 
 def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pending: progress.Pending) -> Hold | None:
@@ -93,13 +93,13 @@ def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pendin
     budget = pending.params.get("max_tokens") or spec.default_max_tokens
     tokens = estimate_tokens(pending.prompt_chars, pending.params.get("system"), budget)
     place = line_place(pending.priority, task_id)
-    verdict, hold = limits().acquire(spec, job_id or f"task-{task_id}", tokens, task_id, place)
+    verdict, hold = model_limits().acquire(spec, job_id or f"task-{task_id}", tokens, task_id, place)
     wake(spec, verdict.woken)
     if verdict.allowed:
         breaker = Breaker(spec.name).check(probe_seconds=spec.timeout)
         if breaker.allowed:
             return hold
-        wake(spec, limits().release(hold))
+        wake(spec, model_limits().release(hold))
         wait, reason = breaker.wait, "circuit open"
     elif verdict.limit == "concurrency":
         events.in_line(task_id, label, spec.name)
@@ -120,7 +120,7 @@ def wake(spec: ModelSpec, woken: tuple[int, ...]) -> None:
     while left:
         task_id = left.pop(0)
         if not with_database(lambda task_id=task_id: progress.wake(task_id, timeout)):
-            left.extend(limits().unreserve(spec.name, spec.concurrency or 0, task_id))
+            left.extend(model_limits().unreserve(spec.name, spec.concurrency or 0, task_id))
 
 
 def _run_claimed(task_id: int, job_id: str | None, label: str, spec: ModelSpec | None, hold: Hold | None) -> str:
@@ -316,7 +316,7 @@ def _wait_inline(
     budget = task.params.get("max_tokens") or spec.default_max_tokens
     tokens = estimate_tokens(len(task.prompt), task.params.get("system"), budget)
     place = line_place(task.priority, task.task_id)
-    verdict, hold = limits().acquire(spec, keeper.hold.holder, tokens, task.task_id, place)
+    verdict, hold = model_limits().acquire(spec, keeper.hold.holder, tokens, task.task_id, place)
     if hold is not None:
         keeper.hold.tokens += hold.tokens
     return verdict.allowed

@@ -48,7 +48,7 @@ from webapp.models import IdempotencyKey, Task, TaskStatus, utcnow
 from webapp.queues import QUEUE_NAMES, enqueue_task, get_queue, redis
 from webapp.services.tasks import job_timeout
 
-from .limits import limits
+from .limits import model_limits
 from .progress import database_unavailable
 from .run_task import wake
 
@@ -232,7 +232,7 @@ def _pump_lines(report: SweepReport) -> None:
     """Hand slots that expired (their worker died) to the tasks waiting in line for them."""
     try:
         for spec in _limited():
-            woken = limits().pump(spec)
+            woken = model_limits().pump(spec)
             wake(spec, woken)
             report.woken.extend(woken)
     except RedisError:
@@ -274,7 +274,7 @@ def _requeue_orphans(report: SweepReport) -> None:
         if held is None:
             try:
                 held = held_job_ids(connection)
-                in_line = limits().waiting([spec.name for spec in _limited()])
+                in_line = model_limits().waiting([spec.name for spec in _limited()])
             except RedisError:
                 log.warning("sweeper: Redis unavailable; will retry next pass")
                 return

@@ -33,7 +33,7 @@ from sqlalchemy import bindparam, text, update
 from webapp.extensions import db
 from webapp.models import Task, TaskStatus, UTCDateTime, utcnow
 
-from .limits import Hold, limits
+from .limits import Hold, model_limits
 from .progress import Claim
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class Tracker:
         holds = [entry.hold for entry in running if entry.hold is not None]
         if holds and now - self._slots_renewed >= self.lease_seconds / 3:
             self._slots_renewed = now
-            limits().renew(holds)
+            model_limits().renew(holds)
         for start in range(0, len(due), BATCH_ROWS):
             self._write(due[start : start + BATCH_ROWS], now)
 

@@ -1,36 +1,24 @@
-"""Fixtures: the app on real PostgreSQL and Redis, a real fake provider, and helpers to run jobs.
+"""Fixtures: the app on real PostgreSQL and Redis, a real fake provider, clients and a CLI runner.
 
-TEST_DATABASE_URL and TEST_REDIS_URL choose the services (defaults: the `test` database and
-Redis db 15 on 127.0.0.1). Tables are truncated and the Redis db flushed after every test.
+The helpers tests call (users, API clients, running jobs, waiting) are in tests/helpers.py.
+Tables are truncated and the Redis db flushed after every test.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 from redis import Redis
-from rq import Queue, SimpleWorker
-from rq.registry import ScheduledJobRegistry
-from rq.serializers import JSONSerializer
 from sqlalchemy import text
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.fake_provider import FakeProvider
+from tests.helpers import ROOT, TEST_DATABASE_URL, TEST_REDIS_URL, ApiClient, api_client
+from webapp import create_app
+from webapp.extensions import db
 
-from tests.fake_provider import FakeProvider  # noqa: E402
-from webapp import create_app  # noqa: E402
-from webapp.extensions import db  # noqa: E402
-from webapp.models import Task  # noqa: E402
-from webapp.queues import QUEUE_NAMES  # noqa: E402
-from webapp.services import accounts  # noqa: E402
-
-TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TABLES = "idempotency_keys, tasks, api_tokens, users"
-PASSWORD = "correct horse battery"
 
 
 @pytest.fixture(scope="session")
@@ -163,54 +151,6 @@ def runner(app):
     return app.test_cli_runner()
 
 
-def make_user(app, username: str = "alice", admin: bool = False):
-    with app.app_context():
-        user = accounts.create_user(username, PASSWORD, is_admin=admin)
-        db.session.expunge(user)
-        return user
-
-
-class ApiClient:
-    """The test client with a bearer token, for /api/v1 paths."""
-
-    def __init__(self, client, token: str, user):
-        self.client = client
-        self.token = token
-        self.user = user
-        self.headers = {"Authorization": f"Bearer {token}"}
-
-    def _call(self, method: str, path: str, **kwargs):
-        headers = {**self.headers, **kwargs.pop("headers", {})}
-        return getattr(self.client, method)(f"/api/v1{path}", headers=headers, **kwargs)
-
-    def get(self, path, **kw):
-        return self._call("get", path, **kw)
-
-    def post(self, path, **kw):
-        return self._call("post", path, **kw)
-
-    def delete(self, path, **kw):
-        return self._call("delete", path, **kw)
-
-    def submit(self, prompt: str = "What is the capital of France?", **fields) -> dict:
-        response = self.post("/tasks", json={"prompt": prompt, **fields})
-        assert response.status_code == 202, response.get_json()
-        return response.get_json()
-
-    def task(self, task_id: int) -> dict:
-        response = self.get(f"/tasks/{task_id}")
-        assert response.status_code == 200, response.get_json()
-        return response.get_json()
-
-
-def api_client(app, username: str = "alice", admin: bool = False) -> ApiClient:
-    user = make_user(app, username, admin)
-    with app.app_context():
-        owner = accounts.find_user(username)
-        _, token = accounts.create_token(owner, "tests")
-    return ApiClient(app.test_client(), token, user)
-
-
 @pytest.fixture
 def api(app) -> ApiClient:
     return api_client(app)
@@ -219,45 +159,6 @@ def api(app) -> ApiClient:
 @pytest.fixture
 def other_api(app) -> ApiClient:
     return api_client(app, "bob")
-
-
-def redis_conn() -> Redis:
-    return Redis.from_url(TEST_REDIS_URL)
-
-
-def enqueue_scheduled_now(connection: Redis) -> int:
-    """Move every delayed job (a retry's backoff) onto its queue now; return how many."""
-    moved = 0
-    for name in QUEUE_NAMES:
-        queue = Queue(name, connection=connection, serializer=JSONSerializer)
-        registry = ScheduledJobRegistry(queue=queue)
-        for job_id in registry.get_job_ids():
-            registry.remove(job_id)
-            job = queue.fetch_job(job_id)
-            if job is not None:
-                queue.enqueue_job(job)
-                moved += 1
-    return moved
-
-
-def work(app, scheduled: bool = True, rounds: int = 20) -> None:
-    """Run every queued job in this process (RQ's SimpleWorker), including retries when `scheduled`."""
-    connection = redis_conn()
-    with app.app_context():
-        for _ in range(rounds):
-            SimpleWorker(list(QUEUE_NAMES), connection=connection, serializer=JSONSerializer).work(
-                burst=True, logging_level="WARNING"
-            )
-            if not scheduled or not enqueue_scheduled_now(connection):
-                break
-        db.session.remove()
-
-
-def task_row(app, task_id: int) -> Task:
-    with app.app_context():
-        task = db.session.get(Task, task_id)
-        db.session.expunge(task)
-        return task
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -9,8 +9,7 @@ import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from tests.conftest import api_client, make_user, redis_conn, task_row, work
-from tests.test_pages import csrf_from, login
+from tests.helpers import api_client, csrf_from, login, make_user, redis_conn, seed, signed_in, task_row, work
 from webapp.extensions import db
 from webapp.models import Task, User, utcnow
 from webapp.services import stats
@@ -29,15 +28,6 @@ RQ_JSON = [
     "/admin/rq/0/data/jobs/default/queued/8/asc/1.json",
 ]
 RQ_PAGES = RQ_HTML + RQ_JSON
-
-
-def signed_in(app, client, who: str):
-    """Sign `client` in as an admin, a plain user, or nobody."""
-    if who == "anonymous":
-        return client
-    make_user(app, who, admin=who == "admin")
-    login(client, who)
-    return client
 
 
 @pytest.mark.parametrize("path", ADMIN_PAGES + RQ_HTML)
@@ -153,35 +143,6 @@ def test_the_dashboard_works_on_the_embedded_valkey_socket(tmp_path):
 
 
 # The stats page
-
-
-def seed(app, rows: list[dict]) -> None:
-    """Insert tasks as they would be after running, with times relative to now."""
-    with app.app_context():
-        user = db.session.query(User).first()
-        now = utcnow()
-        for row in rows:
-            ago = row.pop("ago", 0)
-            wait = row.pop("wait", 1.0)
-            run = row.pop("run", 2.0)
-            created = now - timedelta(seconds=ago + wait + run)
-            finished = row.get("status") in ("COMPLETED", "FAILED", "CANCELLED")
-            db.session.add(
-                Task(
-                    user_id=row.pop("user_id", user.id),
-                    prompt="seeded",
-                    model=row.pop("model", "fake"),
-                    priority=5,
-                    params={},
-                    max_attempts=3,
-                    attempts=1,
-                    created_at=created,
-                    started_at=created + timedelta(seconds=wait),
-                    finished_at=created + timedelta(seconds=wait + run) if finished else None,
-                    **row,
-                )
-            )
-        db.session.commit()
 
 
 def number(html: str, attribute: str, value: str) -> int:
@@ -404,7 +365,7 @@ def test_the_dashboard_shows_a_busy_worker_and_its_job(client, app, api, test_en
     import sys
     import time
 
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     task = api.submit('#fake {"chunks": 30, "delay": 0.2}\nkeeps a worker busy')
     worker = subprocess.Popen(

@@ -6,16 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import api_client, redis_conn, work
-
-
-def error_of(response) -> dict:
-    body = response.get_json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["message"]
-    return body["error"]
-
+from tests.helpers import api_client, error_of, redis_conn, work
 
 TASK_FIELDS = {
     "id",

@@ -7,7 +7,8 @@ session cookie (and a valid CSRF token, so what is tested is the authorization);
 the role's bearer token. Each request gets fresh objects, so one role's delete cannot hide
 another role's answer.
 
-A route added to the app without an entry in ROUTES fails `test_every_route_has_an_entry`.
+A route added to the app without an entry in ROUTES (tests/routes.py) fails
+`test_every_route_has_an_entry`.
 The same table drives the CSRF tests (every state-changing browser route refuses a request
 without a valid token) and the check that the API takes no cookie as a credential.
 """
@@ -15,116 +16,16 @@ without a valid token) and the check that the API takes no cookie as a credentia
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 
 import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 from sqlalchemy import text
 
-from tests.conftest import api_client, make_user, redis_conn, task_row, work
+from tests.helpers import api_client, make_user, redis_conn, work
+from tests.routes import FORMS, JSON_BODIES, LOGIN, OK, PUBLIC, ROLES, ROUTES, STATE_CHANGING, World, build_world
 from tests.tally import counts
-from tests.test_pages import csrf_from, login
 from webapp.extensions import db
-from webapp.models import User
-from webapp.services import accounts
-
-ROLES = ("anonymous", "user", "other", "disabled", "admin")
-OK, LOGIN = "ok", "login"  # ok: 2xx/3xx that is not a trip to the sign-in page; login: sent to sign in (or 401)
-
-PUBLIC = dict.fromkeys(ROLES, OK)
-PAGE = {"anonymous": LOGIN, "user": OK, "other": OK, "disabled": LOGIN, "admin": OK}
-OWNED_PAGE = {**PAGE, "other": 404}
-ADMIN = {"anonymous": LOGIN, "user": 403, "other": 403, "disabled": LOGIN, "admin": OK}
-API = {"anonymous": LOGIN, "user": OK, "other": OK, "disabled": LOGIN, "admin": OK}
-OWNED_API = {**API, "other": 404}
-# Routing sends these aliases to the dashboard's own address, /admin/rq/, before anything runs.
-ALIAS = dict.fromkeys(ROLES, 308)
-
-# (method, rule) -> (the path to call: {pending} {cancelled} {job} {token} {target} are filled in
-# with fresh objects, {job} being the pending task's queued job; who gets what).
-ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
-    ("GET", "/"): ("/", PAGE),
-    ("GET", "/login"): ("/login", PUBLIC),
-    ("POST", "/login"): ("/login", PUBLIC),
-    ("POST", "/logout"): ("/logout", PUBLIC),
-    ("POST", "/tasks"): ("/tasks", PAGE),
-    ("GET", "/tasks"): ("/tasks", PAGE),
-    ("GET", "/tasks/<int:task_id>"): ("/tasks/{pending}", OWNED_PAGE),
-    ("GET", "/tasks/<int:task_id>/live"): ("/tasks/{pending}/live", OWNED_PAGE),
-    ("GET", "/tasks/<int:task_id>/row"): ("/tasks/{pending}/row", OWNED_PAGE),
-    ("POST", "/tasks/<int:task_id>/cancel"): ("/tasks/{pending}/cancel", OWNED_PAGE),
-    ("POST", "/tasks/<int:task_id>/retry"): ("/tasks/{cancelled}/retry", OWNED_PAGE),
-    ("POST", "/tasks/<int:task_id>/delete"): ("/tasks/{pending}/delete", OWNED_PAGE),
-    ("GET", "/tokens"): ("/tokens", PAGE),
-    ("POST", "/tokens"): ("/tokens", PAGE),
-    # Tokens are per user for admins too: nobody revokes another's token.
-    ("POST", "/tokens/<int:token_id>/revoke"): ("/tokens/{token}/revoke", {**OWNED_PAGE, "admin": 404}),
-    ("GET", "/static/<path:filename>"): ("/static/app.js", PUBLIC),
-    ("GET", "/metrics"): ("/metrics", ADMIN),
-    ("GET", "/admin"): ("/admin", ADMIN),
-    ("GET", "/admin/stats"): ("/admin/stats", ADMIN),
-    ("GET", "/admin/tasks"): ("/admin/tasks", ADMIN),
-    ("POST", "/admin/tasks/preview"): ("/admin/tasks/preview", ADMIN),
-    ("POST", "/admin/tasks/apply"): ("/admin/tasks/apply", ADMIN),
-    ("GET", "/admin/users"): ("/admin/users", ADMIN),
-    ("POST", "/admin/users"): ("/admin/users", ADMIN),
-    ("POST", "/admin/users/<int:user_id>/active"): ("/admin/users/{target}/active", ADMIN),
-    ("POST", "/admin/users/<int:user_id>/admin"): ("/admin/users/{target}/admin", ADMIN),
-    ("POST", "/admin/users/<int:user_id>/password"): ("/admin/users/{target}/password", ADMIN),
-    ("GET", "/admin/rq/"): ("/admin/rq/", ADMIN),
-    ("GET", "/admin/rq/<int:instance_number>/"): ("/admin/rq/0/", ALIAS),
-    ("GET", "/admin/rq/<int:instance_number>/view"): ("/admin/rq/0/view", ALIAS),
-    ("GET", "/admin/rq/<int:instance_number>/view/queues"): ("/admin/rq/0/view/queues", ALIAS),
-    ("GET", "/admin/rq/<int:instance_number>/view/workers"): ("/admin/rq/0/view/workers", ADMIN),
-    ("GET", "/admin/rq/<int:instance_number>/view/jobs"): ("/admin/rq/0/view/jobs", ADMIN),
-    (
-        "GET",
-        "/admin/rq/<int:instance_number>/view/jobs/<queue_name>/<registry_name>/<int:per_page>/<order>/<int:page>",
-    ): (
-        "/admin/rq/0/view/jobs/default/queued/8/asc/1",
-        ADMIN,
-    ),
-    ("GET", "/admin/rq/<int:instance_number>/view/job/<job_id>"): ("/admin/rq/0/view/job/{job}", ADMIN),
-    ("GET", "/admin/rq/<int:instance_number>/data/queues.json"): ("/admin/rq/0/data/queues.json", ADMIN),
-    ("GET", "/admin/rq/<int:instance_number>/data/workers.json"): ("/admin/rq/0/data/workers.json", ADMIN),
-    ("GET", "/admin/rq/<int:instance_number>/data/jobs/<queue_name>/<registry_name>/<per_page>/<order>/<page>.json"): (
-        "/admin/rq/0/data/jobs/default/queued/8/asc/1.json",
-        ADMIN,
-    ),
-    ("GET", "/admin/rq/<int:instance_number>/data/job/<job_id>.json"): ("/admin/rq/0/data/job/{job}.json", ADMIN),
-    ("GET", "/admin/rq/static/<path:filename>"): ("/admin/rq/static/js/jquery-3.5.1.min.js", ADMIN),
-    ("GET", "/admin/rq/favicon.ico"): ("/admin/rq/favicon.ico", ADMIN),
-    ("POST", "/admin/rq/job/<job_id>/delete"): ("/admin/rq/job/{job}/delete", ADMIN),
-    # Requeueing a job that has not failed is refused by RQ: 409 for the one who may ask.
-    ("POST", "/admin/rq/job/<job_id>/requeue"): ("/admin/rq/job/{job}/requeue", {**ADMIN, "admin": 409}),
-    ("POST", "/admin/rq/queue/<queue_name>/<registry_name>/empty"): ("/admin/rq/queue/default/queued/empty", ADMIN),
-    ("POST", "/admin/rq/queue/<queue_name>/compact"): ("/admin/rq/queue/default/compact", ADMIN),
-    ("POST", "/admin/rq/requeue/<queue_name>"): ("/admin/rq/requeue/default", ADMIN),
-    # The state-changing GET upstream answers is refused (a link or an <img> could trigger it).
-    ("GET", "/admin/rq/requeue/<queue_name>"): ("/admin/rq/requeue/default", {**ADMIN, "admin": 405}),
-    ("GET", "/api/v1/openapi.json"): ("/api/v1/openapi.json", PUBLIC),
-    ("GET", "/api/v1/health"): ("/api/v1/health", PUBLIC),
-    ("GET", "/api/v1/models"): ("/api/v1/models", API),
-    ("POST", "/api/v1/tasks"): ("/api/v1/tasks", API),
-    ("GET", "/api/v1/tasks"): ("/api/v1/tasks", API),
-    ("GET", "/api/v1/tasks/<int:task_id>"): ("/api/v1/tasks/{pending}", OWNED_API),
-    ("POST", "/api/v1/tasks/<int:task_id>/cancel"): ("/api/v1/tasks/{pending}/cancel", OWNED_API),
-    ("POST", "/api/v1/tasks/<int:task_id>/retry"): ("/api/v1/tasks/{cancelled}/retry", OWNED_API),
-    ("DELETE", "/api/v1/tasks/<int:task_id>"): ("/api/v1/tasks/{pending}", OWNED_API),
-}
-
-# What each route is sent besides credentials (a body the route accepts).
-FORMS = {
-    "/login": {"username": "nobody", "password": "wrong password"},
-    "/tasks": {"prompt": "from the matrix"},
-    "/tokens": {"name": "matrix"},
-    "/admin/tasks/preview": {"action": "retry", "status": "FAILED"},
-    "/admin/tasks/apply": {"action": "retry", "status": "FAILED", "up_to_id": "1", "count": "0"},
-    "/admin/users": {"username": "newcomer", "password": "long enough password"},
-}
-JSON_BODIES = {"/api/v1/tasks": {"prompt": "from the matrix"}}
-STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 
 
 def app_routes(app) -> set[tuple[str, str]]:
@@ -136,78 +37,6 @@ def test_every_route_has_an_entry(app):
     routes = app_routes(app)
     assert routes - set(ROUTES) == set(), "routes without an entry in ROUTES: add who may call them"
     assert set(ROUTES) - routes == set(), "entries in ROUTES for routes that no longer exist"
-
-
-@dataclass
-class Caller:
-    """A role: its session cookie (and the CSRF token of that session), its API token."""
-
-    app: object
-    cookie: str | None = None
-    csrf: str | None = None
-    token: str | None = None
-    user_id: int | None = None
-
-    def client(self):
-        """A client carrying the session, fresh for each request (so a sign-out affects one request only)."""
-        client = self.app.test_client()
-        if self.cookie:
-            client.set_cookie("session", self.cookie)
-        return client
-
-
-@dataclass
-class World:
-    """Five callers and a target user for admin actions; objects are made per request by `fresh`."""
-
-    app: object
-    callers: dict[str, Caller] = field(default_factory=dict)
-    target_id: int = 0
-
-    def fresh(self) -> dict[str, object]:
-        """A PENDING task with a queued job, a CANCELLED task and an API token, all alice's."""
-        owner = self.callers["user"]
-        pending = owner_api(self).submit("fresh pending task")
-        cancelled = owner_api(self).submit("fresh cancelled task")
-        owner_api(self).post(f"/tasks/{cancelled['id']}/cancel")
-        with self.app.app_context():
-            row, _ = accounts.create_token(db.session.get(User, owner.user_id), "fresh")
-            token_id = row.id
-        return {
-            "pending": pending["id"],
-            "cancelled": cancelled["id"],
-            "job": task_row(self.app, pending["id"]).job_id,
-            "token": token_id,
-            "target": self.target_id,
-        }
-
-
-def owner_api(world: World):
-    caller = world.callers["user"]
-    from tests.conftest import ApiClient
-
-    return ApiClient(world.app.test_client(), caller.token, None)
-
-
-def build_world(app) -> World:
-    world = World(app)
-    for role, name in (("user", "alice"), ("other", "bob"), ("disabled", "dave"), ("admin", "root")):
-        user = make_user(app, name, admin=role == "admin")
-        client = app.test_client()
-        login(client, name)
-        csrf = csrf_from(client.get("/tokens").text)
-        with app.app_context():
-            _, token = accounts.create_token(db.session.get(User, user.id), "matrix")
-        world.callers[role] = Caller(app, client.get_cookie("session").value, csrf, token, user.id)
-    anonymous = app.test_client()
-    csrf = csrf_from(anonymous.get("/login").text)
-    world.callers["anonymous"] = Caller(app, anonymous.get_cookie("session").value, csrf)
-    world.target_id = make_user(app, "carol").id
-    with app.app_context():
-        # Disabled after signing in and after making a token: both must stop working.
-        db.session.get(User, world.callers["disabled"].user_id).is_active = False
-        db.session.commit()
-    return world
 
 
 def call(world: World, role: str, method: str, rule: str, *, session: bool | None = None, csrf: bool = True, **kw):

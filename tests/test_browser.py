@@ -12,37 +12,18 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-from rq import Worker
-from werkzeug.serving import make_server
 
-from tests.conftest import PASSWORD, ROOT, make_user, redis_conn, task_row
+from tests import browser as parts
+from tests.browser import expect, needs_chromium, sign_in, wait_finished
+from tests.helpers import make_user, task_row
 
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-# Without the networking flags Chromium keeps trying to reach outside hosts.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
-
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}: `make test` installs Debian's chromium"
-)
-sync_api = pytest.importorskip("playwright.sync_api")
-expect = sync_api.expect
-expect.set_options(timeout=15_000)
+pytestmark = needs_chromium
+# The browser fixtures, taken by name: a server thread, a worker process, Chromium, a watched page.
+browser, page, server, watch, worker = parts.browser, parts.page, parts.server, parts.watch, parts.worker
 
 # A realistic answer, streamed a word at a time, for the streaming test and the screenshots.
 ANSWER = """A **task queue** lets a web app hand slow work to background workers, so every page answers at once.
@@ -69,104 +50,6 @@ def chunks(text: str) -> list[str]:
     return re.findall(r"\S+\s*|\s+", text)
 
 
-# -- the app, a worker and a browser -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(app):
-    """The app in a real threaded HTTP server on a free port."""
-    httpd = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=httpd.serve_forever, name="browser-test-server", daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def worker(app, test_env, tmp_path_factory):
-    """A real `flask worker` process on the tests' database, Redis and model catalog."""
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "wsgi", "worker"],
-            cwd=ROOT,
-            env=test_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while not Worker.all(connection=redis_conn()):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the worker did not start:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@dataclass
-class Watch:
-    """What a page did that a test may want to deny: dialogs, requests, script and CSP errors."""
-
-    origin: str
-    dialogs: list[str] = field(default_factory=list)
-    requests: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    accept_dialogs: bool = False
-
-    def paths(self) -> list[str]:
-        return [urlsplit(url).path for url in self.requests]
-
-
-@pytest.fixture
-def watch(server) -> Watch:
-    return Watch(origin=server)
-
-
-@pytest.fixture
-def page(browser, server, worker, watch):
-    context = browser.new_context(base_url=server, viewport={"width": 1100, "height": 900})
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server)
-    # Nothing may leave the machine: any request to another origin is recorded and refused.
-    context.route(lambda url: not url.startswith(server + "/"), lambda route: route.abort())
-    page = context.new_page()
-
-    def on_dialog(dialog):
-        watch.dialogs.append(f"{dialog.type}: {dialog.message}")
-        dialog.accept() if watch.accept_dialogs else dialog.dismiss()
-
-    def on_console(message):
-        text = message.text
-        if message.type == "error" and ("Content Security Policy" in text or "Refused to" in text):
-            watch.errors.append(f"CSP: {text}")
-
-    page.on("dialog", on_dialog)
-    page.on("console", on_console)
-    page.on("pageerror", lambda error: watch.errors.append(f"script error: {error}"))
-    page.on("request", lambda request: watch.requests.append(request.url))
-    yield page
-    context.close()
-    assert not watch.errors, watch.errors
-    outside = [url for url in watch.requests if not url.startswith(server + "/")]
-    assert not outside, f"requests left the app: {outside}"
-    if not watch.accept_dialogs:
-        assert not watch.dialogs, f"unexpected dialogs: {watch.dialogs}"
-
-
 @pytest.fixture
 def shots(tmp_path) -> Path:
     """Where screenshots go: SCREENSHOT_DIR (e.g. docs/) to refresh the README's, else a temp dir."""
@@ -184,24 +67,8 @@ def snap(page, path: Path) -> None:
     )
 
 
-def sign_in(page, username: str = "alice", password: str = PASSWORD) -> None:
-    page.goto("/login")
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("heading", name="New task")).to_be_visible()
-
-
 def task_id_of(page) -> int:
     return int(re.search(r"/tasks/(\d+)$", page.url).group(1))
-
-
-def wait_finished(app, task_id: int) -> None:
-    """Wait for the worker to be done with a task, so no attempt outlives the test."""
-    deadline = time.monotonic() + 20
-    while task_row(app, task_id).status in ("PENDING", "PROCESSING"):
-        assert time.monotonic() < deadline, "the task did not finish"
-        time.sleep(0.05)
 
 
 # -- the tests -----------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 answer (streaming, then Markdown), a provider's error message and a History search, seen by the
 user on the task page and History, and by an admin on the admin pages and rq-dashboard.
 
-The fixtures of tests/test_browser.py fail a test on any dialog, script error, Content-Security-
+The fixtures of tests/browser.py fail a test on any dialog, script error, Content-Security-
 Policy violation or request to another origin. These tests also fail on any htmx request the
 app did not render and any request whose address carries a payload's marker.
 """
@@ -15,22 +15,15 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from tests import test_browser
-from tests.conftest import api_client, make_user, task_row
+from tests import browser as parts
+from tests.browser import expect, needs_chromium, sign_in, wait_finished
+from tests.helpers import api_client, make_user, task_row
 from tests.payloads import PAYLOADS
 from tests.tally import counts
-from tests.test_browser import sign_in, wait_finished
 
-pytestmark = test_browser.pytestmark
-expect = test_browser.expect
-# The browser tests' fixtures: a server thread, a worker process, Chromium, a watched page.
-browser, page, server, watch, worker = (
-    test_browser.browser,
-    test_browser.page,
-    test_browser.server,
-    test_browser.watch,
-    test_browser.worker,
-)
+pytestmark = needs_chromium
+# The browser fixtures, taken by name: a server thread, a worker process, Chromium, a watched page.
+browser, page, server, watch, worker = parts.browser, parts.page, parts.server, parts.watch, parts.worker
 
 # The htmx requests our templates render: a task's and a row's polls, its actions, History's filters, the stats.
 RENDERED_HTMX = re.compile(r"^/tasks/\d+/(live|row|cancel|retry)$|^/tasks$|^/admin/stats$")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import ROOT, api_client
+from tests.helpers import ROOT, api_client
 
 
 def test_users_create_with_password_on_stdin(runner, app):

@@ -12,8 +12,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.test_local_model import free_port, wait_http
+from tests.helpers import ROOT, free_port, wait_http
 
 EMBEDDED_UNSET = ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "MODELS_FILE", "DEFAULT_MODEL")
 

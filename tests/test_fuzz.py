@@ -20,50 +20,16 @@ import itertools
 from urllib.parse import quote
 
 import pytest
-import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import TEST_DATABASE_URL, TEST_REDIS_URL, work
+from tests.api_schema import FORWARD, schema
+from tests.helpers import work
+from tests.routes import FORMS, ROUTES, STATE_CHANGING, build_world
 from tests.tally import counts
-from tests.test_authz import FORMS, ROUTES, STATE_CHANGING, build_world
-from webapp import create_app
 
 API_EXAMPLES = 250
 PAGE_EXAMPLES = 600
-
-
-class Forward:
-    """A WSGI app that passes requests to the app under test, counting them.
-
-    The schema is loaded when this module is imported (schemathesis builds one test per
-    operation then), before the session's app exists: it is read from an app made only for
-    that, and the requests go to the real one once the test runs.
-    """
-
-    def __init__(self, target):
-        self.target = target
-
-    def __call__(self, environ, start_response):
-        if environ["PATH_INFO"] != "/api/v1/openapi.json":
-            counts["API requests fuzzed (schemathesis)"] += 1
-        return self.target(environ, start_response)
-
-
-FORWARD = Forward(
-    create_app(
-        {"TESTING": True, "SECRET_KEY": "schema only", "DATABASE_URL": TEST_DATABASE_URL, "REDIS_URL": TEST_REDIS_URL}
-    )
-)
-CONFIG = schemathesis.Config.from_dict(
-    {
-        "generation": {"mode": "all"},
-        "checks": {
-            "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "404", "409", "422", "429"]},
-        },
-    }
-)
-schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", FORWARD, config=CONFIG)
 
 
 @pytest.fixture
@@ -192,7 +158,7 @@ def world(app, fake_provider):
     fake_provider.script("fails", {"status": 400})
     owner = world.callers["user"]
     client = owner.client()
-    from tests.test_pages import csrf_from
+    from tests.helpers import csrf_from
 
     token = csrf_from(client.get("/").text)
     for prompt in ("completed", "fails"):

@@ -8,19 +8,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
-from webapp import create_app
-
-
-def app_with(app, **overrides):
-    config = {
-        key: app.config[key]
-        for key in ("SECRET_KEY", "MODELS_FILE", "DEFAULT_MODEL", "DATABASE_URL", "REDIS_URL", "TESTING")
-    }
-    config.update(overrides)
-    if "DATABASE_URL" in overrides:
-        config["SQLALCHEMY_DATABASE_URI"] = None  # derive it again from DATABASE_URL
-    return create_app({k: v for k, v in config.items() if v is not None})
+from tests.helpers import ROOT, app_with
 
 
 def test_unhealthy_when_redis_is_down(app):

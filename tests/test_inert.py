@@ -8,10 +8,9 @@ text. tests/test_browser_security.py shows the same pages to a real browser.
 
 from __future__ import annotations
 
-from tests.conftest import api_client, make_user, work
+from tests.helpers import api_client, csrf_from, login, make_user, work
 from tests.payloads import PAYLOADS, inert_problems, signatures
 from tests.tally import counts
-from tests.test_pages import csrf_from, login
 from webapp.extensions import db
 from webapp.models import Task
 

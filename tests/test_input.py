@@ -17,10 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import event
 
-from tests.conftest import redis_conn, task_row, work
+from tests.helpers import error_of, login, redis_conn, task_row, work
 from tests.tally import counts
-from tests.test_api import error_of
-from tests.test_pages import login
 from webapp.extensions import db
 from webapp.models import Task
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -11,40 +9,12 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from jobs import progress
-from jobs.run_task import TaskAttemptError, backoff_delay, run_task
+from jobs.run_task import backoff_delay
 from jobs.tracker import Entry, Tracker
-from tests.conftest import redis_conn, task_row, work
+from tests.helpers import redis_conn, run_in_thread, task_row, wait_for, work
 from webapp.extensions import db
 from webapp.models import Task, utcnow
 from webapp.queues import enqueue_task
-
-
-def run_in_thread(app, task_id: int) -> threading.Thread:
-    """Run one attempt of a task the way a worker would, in a thread, so the test can watch."""
-
-    def target():
-        with app.app_context():
-            try:
-                run_task(task_id)
-            except TaskAttemptError:
-                pass
-            finally:
-                db.session.remove()
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
-
 
 # --- claim and fence ------------------------------------------------------------------------
 

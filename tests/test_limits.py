@@ -8,11 +8,10 @@ import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from jobs.limits import limits, line_place
+from jobs.limits import line_place, model_limits
 from jobs.run_task import wake
 from jobs.sweeper import sweep
-from tests.conftest import redis_conn, task_row, work
-from tests.test_sweeper import age
+from tests.helpers import age, redis_conn, task_row, work
 from webapp.catalog import catalog
 
 
@@ -25,7 +24,7 @@ def one_slot(app):
 
 def test_freed_slots_go_to_the_line_in_order_of_priority_then_submission(app, one_slot):
     with app.app_context():
-        line = limits()
+        line = model_limits()
         verdict, running = line.acquire(one_slot, "job-1", 10, 1, line_place(5, 1))
         assert verdict.allowed
         for task_id, priority in ((2, 5), (3, 5), (4, 9)):  # 4 is submitted last, with high priority
@@ -47,7 +46,7 @@ def test_freed_slots_go_to_the_line_in_order_of_priority_then_submission(app, on
 
 def test_a_dead_workers_slots_expire_into_the_line(app, one_slot):
     with app.app_context():
-        line = limits()
+        line = model_limits()
         line.lease_seconds = 0.3  # the dead worker's hold is never renewed
         line.acquire(one_slot, "job-dead", 10, 1, line_place(5, 1))
         assert not line.acquire(one_slot, "job-2", 10, 2, line_place(5, 2))[0].allowed
@@ -59,7 +58,7 @@ def test_tasks_over_the_concurrency_wait_in_line_then_run_in_turn(app, api, fake
     """Waiting costs no attempt and no timer; a cancelled task's turn passes to the next."""
     with app.app_context():
         spec = catalog().get("fake-narrow")
-        busy = [limits().acquire(spec, f"elsewhere-{i}", 10, 9000 + i)[1] for i in range(spec.concurrency)]
+        busy = [model_limits().acquire(spec, f"elsewhere-{i}", 10, 9000 + i)[1] for i in range(spec.concurrency)]
     first, second, third = (api.submit(f"in line {i}", model="fake-narrow") for i in range(3))
     work(app, scheduled=False)  # every job finds the model busy: its task joins the line, its job ends
     queue = Queue("default", connection=redis_conn(), serializer=JSONSerializer)
@@ -68,7 +67,7 @@ def test_tasks_over_the_concurrency_wait_in_line_then_run_in_turn(app, api, fake
         row = task_row(app, task["id"])
         assert (row.status, row.attempts) == ("PENDING", 0)
     with app.app_context():
-        assert limits().waiting(["fake-narrow"]) == {first["id"], second["id"], third["id"]}
+        assert model_limits().waiting(["fake-narrow"]) == {first["id"], second["id"], third["id"]}
         # Left alone by the sweeper however long they wait: the line holds them.
         for task in (first, second, third):
             age(app, task["id"], 600)
@@ -76,7 +75,7 @@ def test_tasks_over_the_concurrency_wait_in_line_then_run_in_turn(app, api, fake
 
     assert api.post(f"/tasks/{first['id']}/cancel").status_code == 200
     with app.app_context():
-        wake(spec, limits().release(busy[0]))  # the slot passes over the cancelled task
+        wake(spec, model_limits().release(busy[0]))  # the slot passes over the cancelled task
     assert queue.get_job_ids() == [task_row(app, second["id"]).job_id]
     work(app, scheduled=False)
     assert api.task(second["id"])["status"] == "COMPLETED"
@@ -86,5 +85,5 @@ def test_tasks_over_the_concurrency_wait_in_line_then_run_in_turn(app, api, fake
     assert fake_provider.calls_for("in line 0") == []
     with app.app_context():
         for hold in busy[1:]:
-            limits().release(hold)
-        assert limits().waiting(["fake-narrow"]) == set() and limits().in_flight("fake-narrow") == 0
+            model_limits().release(hold)
+        assert model_limits().waiting(["fake-narrow"]) == set() and model_limits().in_flight("fake-narrow") == 0

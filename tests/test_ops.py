@@ -15,8 +15,7 @@ from datetime import timedelta
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, api_client, make_user, redis_conn, work
-from tests.test_admin import seed, signed_in
+from tests.helpers import ROOT, api_client, make_user, redis_conn, seed, signed_in, work
 from webapp.extensions import db
 from webapp.models import Task, utcnow
 from webapp.services.retention import cleanup

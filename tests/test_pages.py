@@ -6,20 +6,9 @@ import re
 
 import pytest
 
-from tests.conftest import PASSWORD, make_user, task_row, work
+from tests.helpers import PASSWORD, csrf_from, login, make_user, task_row, work
 from webapp.errors import ForbiddenError
 from webapp.rendering import render_markdown
-
-
-def csrf_from(html: str) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
-    assert match, "no CSRF field on the page"
-    return match.group(1)
-
-
-def login(client, username: str = "alice", password: str = PASSWORD):
-    token = csrf_from(client.get("/login").get_data(as_text=True))
-    return client.post("/login", data={"username": username, "password": password, "csrf_token": token})
 
 
 def submit_form(client, **fields):
@@ -458,7 +447,7 @@ def test_the_api_ignores_session_cookies(client, app):
 
 
 def test_pages_say_so_when_the_database_is_down(client, app):
-    from tests.test_health import app_with
+    from tests.helpers import app_with
 
     make_user(app)
     login(client)

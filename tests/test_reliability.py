@@ -12,8 +12,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from jobs import progress
 from jobs.breaker import Breaker
 from jobs.shutdown import drain
-from tests.conftest import enqueue_scheduled_now, redis_conn, task_row, work
-from tests.test_lifecycle import run_in_thread, wait_for
+from tests.helpers import enqueue_scheduled_now, redis_conn, run_in_thread, task_row, wait_for, work
 from webapp.extensions import db
 from webapp.models import Task
 

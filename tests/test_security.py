@@ -16,11 +16,8 @@ import urllib.request
 import pytest
 from sqlalchemy import text
 
-from tests.conftest import PASSWORD, ROOT, api_client, make_user, redis_conn
-from tests.test_api import error_of
-from tests.test_fuzz import schema
-from tests.test_health import app_with
-from tests.test_pages import csrf_from, login
+from tests.api_schema import schema
+from tests.helpers import PASSWORD, ROOT, api_client, app_with, csrf_from, error_of, login, make_user, redis_conn
 from webapp import config as cfg
 from webapp import create_app
 from webapp.extensions import db

@@ -1,4 +1,4 @@
-from tests.conftest import work
+from tests.helpers import work
 
 
 def test_submit_and_complete(app, api, fake_provider):

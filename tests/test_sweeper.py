@@ -10,17 +10,9 @@ from rq.serializers import JSONSerializer
 
 from jobs import progress
 from jobs.sweeper import ADVISORY_LOCK, SCHEDULER_SLACK, sweep
-from tests.conftest import redis_conn, task_row, work
+from tests.helpers import age, redis_conn, task_row, work
 from webapp.extensions import db
 from webapp.models import Task, utcnow
-
-
-def age(app, task_id: int, seconds: int) -> None:
-    """Pretend the task was last touched `seconds` ago."""
-    with app.app_context():
-        past = utcnow() - timedelta(seconds=seconds)
-        db.session.query(Task).filter_by(id=task_id).update({"updated_at": past, "created_at": past})
-        db.session.commit()
 
 
 def test_pending_tasks_lost_by_redis_are_enqueued_again(app, api):
@@ -127,7 +119,7 @@ def test_only_one_sweeper_at_a_time(app, api):
     """Another process holding the advisory lock makes a pass skip; its death frees the lock."""
     from sqlalchemy import create_engine, text
 
-    from tests.conftest import TEST_DATABASE_URL
+    from tests.helpers import TEST_DATABASE_URL
 
     other = create_engine(TEST_DATABASE_URL.replace("postgresql://", "postgresql+psycopg2://"))
     with other.connect() as connection:

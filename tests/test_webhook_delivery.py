@@ -10,7 +10,7 @@ from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from sqlalchemy import select, update
 
-from tests.conftest import redis_conn
+from tests.helpers import redis_conn
 from tests.receiver import Receiver
 from webapp.extensions import db
 from webapp.models import Task, utcnow

@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from tests.conftest import api_client
+from tests.helpers import api_client
 from webapp.webhook_models import EVENT_TYPES
 
 

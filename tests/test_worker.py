@@ -17,11 +17,10 @@ from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
 from jobs import progress
-from jobs.limits import limits
+from jobs.limits import model_limits
 from jobs.sweeper import sweep
 from jobs.worker import TaskWorker, WatchdogDeathPenalty, make_worker, watchdog
-from tests.conftest import ROOT, redis_conn, task_row, work
-from tests.test_lifecycle import wait_for
+from tests.helpers import ROOT, redis_conn, task_row, wait_for, work
 from webapp.queues import QUEUE_NAMES
 
 
@@ -100,7 +99,7 @@ def test_model_concurrency_holds_across_two_worker_processes(app, api, fake_prov
     assert started_jobs() == []
     assert Worker.count(connection=redis_conn()) == 0
     with app.app_context():
-        assert limits().in_flight("fake-narrow") == 0
+        assert model_limits().in_flight("fake-narrow") == 0
 
 
 def test_every_thread_of_a_wide_worker_can_reach_redis_at_once(app):

@@ -80,9 +80,9 @@ def create_app(overrides: dict | None = None) -> App:
 
     app.extensions["catalog"] = load_catalog(app.config)
 
-    from . import admin, auth, cli, metrics  # noqa: F401 (auth registers the session user loader)
+    from . import auth, cli, rq_dashboard  # noqa: F401 (auth registers the session user loader)
     from .views import admin as admin_views
-    from .views import api, api_events, api_webhooks, errors, pages  # noqa: F401 (their routes join api.bp)
+    from .views import api, api_events, api_webhooks, errors, metrics, pages  # noqa: F401 (their routes join api.bp)
 
     if not app.config.get("TESTING"):
         setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
@@ -92,7 +92,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.register_blueprint(pages.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(metrics.bp)
-    admin.init_app(app)
+    rq_dashboard.init_app(app)
     cli.init_app(app)
     return app
 

@@ -6,14 +6,12 @@ page cannot be tricked into calling the API, and the API needs no CSRF token.
 
 from __future__ import annotations
 
-from functools import wraps
 from urllib.parse import urlsplit
 
 from flask import flash, g, make_response, redirect, request, url_for
 from flask_login import current_user
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import ForbiddenError
 from .extensions import db, login_manager
 from .models import User
 from .services.accounts import user_for_token
@@ -65,17 +63,3 @@ def user_or_anonymous() -> None:
     except SQLAlchemyError:
         db.session.rollback()
         g._login_user = login_manager.anonymous_user()  # Flask-Login's per-request user slot
-
-
-def admin_required(view):
-    """Let only signed-in admins through: others are sent to sign in, or get a 403."""
-
-    @wraps(view)
-    def wrapped(*args, **kwargs):
-        if not current_user.is_authenticated:
-            return login_manager.unauthorized()
-        if not current_user.is_admin:
-            raise ForbiddenError("This page is for administrators.")
-        return view(*args, **kwargs)
-
-    return wrapped

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import signal
 import sys
-import threading
-import time
 
 import click
 from flask import Flask, current_app
@@ -110,38 +106,10 @@ def cleanup() -> None:
 @with_appcontext
 def scheduler() -> None:
     """Run the periodic work until stopped: the sweeper every SWEEP_INTERVAL, the cleanup every CLEANUP_INTERVAL."""
-    from jobs.sweeper import sweep as run_sweep
-
-    from .services.retention import cleanup as run_cleanup
+    from .scheduler import run_scheduler
 
     _setup_logging()
-    log = logging.getLogger("scheduler")
-    config = current_app.config
-    duties = [(run_sweep, config["SWEEP_INTERVAL"]), (run_cleanup, config["CLEANUP_INTERVAL"])]
-    due = [0.0] * len(duties)  # monotonic time each duty is next due: both run at start
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    log.info(
-        "sweeping every %s s, deleting finished tasks older than %s days every %s s",
-        config["SWEEP_INTERVAL"],
-        config["RETENTION_DAYS"],
-        config["CLEANUP_INTERVAL"],
-    )
-    while not stop.is_set():
-        for index, (duty, interval) in enumerate(duties):
-            if time.monotonic() < due[index] or stop.is_set():
-                continue
-            try:
-                duty()
-            except Exception:  # keep going: the next pass may find Redis and the database back
-                log.exception("%s failed", duty.__name__)
-                db.session.rollback()
-            finally:
-                db.session.remove()
-            due[index] = time.monotonic() + interval
-        stop.wait(max(0.0, min(due) - time.monotonic()))
-    log.info("scheduler stopped")
+    run_scheduler()
 
 
 @click.command("local-model")
@@ -175,7 +143,7 @@ def bootstrap() -> None:
 @with_appcontext
 def serve() -> None:
     """Run everything on this machine: Valkey (if REDIS_URL is unset), the local model, web, worker, scheduler."""
-    from .runner import run_all
+    from .supervisor import run_all
 
     _setup_logging()
     sys.exit(run_all(current_app))

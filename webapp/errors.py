@@ -45,11 +45,6 @@ class ForbiddenError(AppError):
     code = "forbidden"
 
 
-class UnavailableError(AppError):
-    status = 503
-    code = "unavailable"
-
-
 class RateLimitedError(AppError):
     """Too many requests: the answer carries Retry-After, in whole seconds."""
 

@@ -88,5 +88,6 @@ def init_app(app: Flask) -> None:
     app.extensions["ratelimits"] = RateLimits(app.extensions["redis"])
 
 
-def limits() -> RateLimits:
+def rate_limits() -> RateLimits:
+    """Return the app's per-user and per-address rate limits (submissions, sign-ins)."""
     return current_app.extensions["ratelimits"]

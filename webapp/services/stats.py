@@ -39,7 +39,6 @@ from ..queues import QUEUE_NAMES, get_queue
 
 log = logging.getLogger(__name__)
 
-DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
 PERCENTILES = (0.5, 0.95, 0.99)
 TOP_USERS = 10

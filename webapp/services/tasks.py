@@ -23,7 +23,7 @@ from ..errors import ConflictError, RateLimitedError, TaskNotFoundError, Validat
 from ..extensions import db
 from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
 from ..queues import enqueue_task, new_job_id, redis
-from ..ratelimits import limits
+from ..ratelimits import rate_limits
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def check_limits(user: User) -> None:
                 IN_FLIGHT_RETRY_AFTER,
                 {"tasks_in_flight": cap, "limit": cap},
             )
-    wait = limits().hit("SUBMIT_LIMIT", str(user.id))
+    wait = rate_limits().hit("SUBMIT_LIMIT", str(user.id))
     if wait:
         raise RateLimitedError(
             f"Too many submissions (the limit is {config['SUBMIT_LIMIT']}). Try again in {wait} seconds.",

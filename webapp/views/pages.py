@@ -137,7 +137,7 @@ def login():
     error = None
     username = ""
     if request.method == "POST":
-        waits = [ratelimits.limits().wait(setting, key) for setting, key in _login_keys()]
+        waits = [ratelimits.rate_limits().wait(setting, key) for setting, key in _login_keys()]
         if any(waits):
             return _too_many_attempts(max(w for w in waits if w))
         username = request.form.get("username", "").strip()
@@ -147,7 +147,7 @@ def login():
             return redirect(_safe_next(request.args.get("next")))
         # Only failures count: signing in successfully costs nothing.
         for setting, key in _login_keys():
-            ratelimits.limits().hit(setting, key)
+            ratelimits.rate_limits().hit(setting, key)
         error = "Wrong username or password."
     return render_template("login.html", error=error, username=username)
 

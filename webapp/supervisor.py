@@ -16,7 +16,7 @@ from flask import Flask
 
 from .config import ROOT
 
-log = logging.getLogger("runner")
+log = logging.getLogger("supervisor")
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
