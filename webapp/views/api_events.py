@@ -10,7 +10,7 @@ from flask import Response, current_app, g, request
 from werkzeug.exceptions import NotAcceptable
 
 from .. import streams
-from ..errors import UnavailableError
+from ..errors import AppError
 from ..models import Task
 from ..schemas import ErrorEnvelope, TaskPath
 from ..services import tasks as service
@@ -19,9 +19,11 @@ from .api import BEARER, COMMON, bp, tasks_tag
 MEDIA_TYPE = "text/event-stream"
 
 
-class StreamsFullError(UnavailableError):
+class StreamsFullError(AppError):
     """The process holds STREAMS_PER_PROCESS streams: one more would take a page's thread."""
 
+    status = 503
+    code = "unavailable"
     retry_after = 5
 
 
