@@ -1,4 +1,5 @@
-"""A real webhook receiver on loopback for tests: records every request, answers as scripted."""
+"""Webhook test parts: a real receiver on loopback that records every request and answers as
+scripted, and `deliver_all`, which runs the webhooks queue in the test's process."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from rq import Queue, SimpleWorker
+from rq.registry import ScheduledJobRegistry
+from rq.serializers import JSONSerializer
+from sqlalchemy import update
 from standardwebhooks.webhooks import Webhook
+
+from tests.helpers import redis_conn
+from webapp.extensions import db
+from webapp.models import utcnow
+from webapp.services import outbox
+from webapp.webhook_models import WebhookDelivery
 
 
 @dataclass
@@ -83,3 +94,25 @@ def _handler(receiver: Receiver):
                 pass  # the sender gave up waiting
 
     return Handler
+
+
+def deliver_all(app, rounds: int = 10) -> None:
+    """Run the webhooks queue in this process, moving retries (scheduled jobs) onto it too."""
+    connection = redis_conn()
+    queue = Queue(outbox.QUEUE, connection=connection, serializer=JSONSerializer)
+    with app.app_context():
+        for _ in range(rounds):
+            SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(
+                burst=True, logging_level="WARNING"
+            )
+            registry = ScheduledJobRegistry(queue=queue)
+            due = registry.get_job_ids()
+            if not due:
+                break
+            for job_id in due:
+                registry.remove(job_id)
+                queue.enqueue_job(queue.fetch_job(job_id))
+            # A retry is due later: make it due now, as time passing would.
+            db.session.execute(update(WebhookDelivery).values(next_attempt_at=utcnow()))
+            db.session.commit()
+        db.session.remove()

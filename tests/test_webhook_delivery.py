@@ -5,13 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from rq import Queue, SimpleWorker
-from rq.registry import ScheduledJobRegistry
-from rq.serializers import JSONSerializer
 from sqlalchemy import select, update
 
 from tests.helpers import redis_conn
-from tests.receiver import Receiver
+from tests.receiver import Receiver, deliver_all
 from webapp.extensions import db
 from webapp.models import Task, utcnow
 from webapp.services import outbox
@@ -35,28 +32,6 @@ def hooks(app):
     app.config.update(WEBHOOK_ALLOW_LOOPBACK=True, WEBHOOK_RETRY_DELAYS="5,300", WEBHOOK_TIMEOUT=1.0)
     yield app.config
     app.config.update(saved)
-
-
-def deliver_all(app, rounds: int = 10) -> None:
-    """Run the webhooks queue in this process, moving retries (scheduled jobs) onto it too."""
-    connection = redis_conn()
-    queue = Queue(outbox.QUEUE, connection=connection, serializer=JSONSerializer)
-    with app.app_context():
-        for _ in range(rounds):
-            SimpleWorker([queue], connection=connection, serializer=JSONSerializer).work(
-                burst=True, logging_level="WARNING"
-            )
-            registry = ScheduledJobRegistry(queue=queue)
-            due = registry.get_job_ids()
-            if not due:
-                break
-            for job_id in due:
-                registry.remove(job_id)
-                queue.enqueue_job(queue.fetch_job(job_id))
-            # A retry is due later: make it due now, as time passing would.
-            db.session.execute(update(WebhookDelivery).values(next_attempt_at=utcnow()))
-            db.session.commit()
-        db.session.remove()
 
 
 def endpoint_for(app, api, url, events=("task.completed", "task.failed")) -> tuple[int, str]:

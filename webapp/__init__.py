@@ -82,7 +82,7 @@ def create_app(overrides: dict | None = None) -> App:
 
     from . import auth, cli, rq_dashboard  # noqa: F401 (auth registers the session user loader)
     from .views import admin as admin_views
-    from .views import api, api_events, api_webhooks, errors, metrics, pages  # noqa: F401 (their routes join api.bp)
+    from .views import api, api_events, api_webhooks, errors, metrics, pages, webhooks  # noqa: F401 (routes join api.bp)
 
     if not app.config.get("TESTING"):
         setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
@@ -90,6 +90,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.register_api(api.bp)
     csrf.exempt(api.bp)  # bearer tokens only: no cookies, so no cross-site forgery
     app.register_blueprint(pages.bp)
+    app.register_blueprint(webhooks.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(metrics.bp)
     rq_dashboard.init_app(app)

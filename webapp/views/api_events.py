@@ -41,9 +41,10 @@ class StreamsFullError(AppError):
     responses={200: None, 404: ErrorEnvelope, 406: ErrorEnvelope, **COMMON},
 )
 def task_events(path: TaskPath):
-    if request.accept_mimetypes.best_match([MEDIA_TYPE]) is None:
-        raise NotAcceptable(f"This is an event stream: send 'Accept: {MEDIA_TYPE}' (or no Accept header).")
     task = service.get_task(g.user, path.task_id)
+    accept = request.accept_mimetypes
+    if accept and accept.best_match([MEDIA_TYPE]) is None:
+        raise NotAcceptable(f"This is an event stream: send 'Accept: {MEDIA_TYPE}' (or no Accept header).")
     row = {column.name: getattr(task, column.key) for column in Task.__table__.columns}
     owner = streams.watcher(current_app._get_current_object())
     if not owner.open():
