@@ -27,3 +27,19 @@ threads = int(os.environ.get("WEB_THREADS", "256"))
 # The app reads its stream cap from the environment: keep it below the threads.
 os.environ.setdefault("STREAMS_PER_PROCESS", str(max(1, threads - PAGE_THREADS)))
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s"'
+
+
+def post_worker_init(worker):
+    """End a worker's event streams as soon as it is asked to stop (SIGTERM), so they hold up no restart."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum, frame):
+        from webapp import streams
+
+        streams.stop_all()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop)

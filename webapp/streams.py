@@ -13,7 +13,8 @@ What a stream sends (`events`), as text/event-stream:
   with `"reset": true`, `id: 0` and an empty delta comes first, and the count starts from 0.
 - `event: status`, `data:` the task, when the stream opens and on every change of status;
 - the stream ends after a finished status (or when the task is deleted);
-- a keep-alive comment after STREAM_KEEPALIVE_SECONDS of silence.
+- a keep-alive comment after STREAM_KEEPALIVE_SECONDS of silence;
+- when the web process shuts down, its streams end at once (clients resume with Last-Event-ID).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ log = logging.getLogger(__name__)
 
 _tasks = Task.__table__
 CHUNK = 500
+# Set when the web process is asked to stop (gunicorn.conf.py): every stream ends at once, and
+# its client resumes elsewhere with Last-Event-ID instead of holding up the restart.
+STOPPING = threading.Event()
+_watchers: list[Watcher] = []
 
 
 class Subscription:
@@ -101,6 +106,12 @@ class Watcher:
                 self._thread.start()
         self._wake.set()
         return sub
+
+    def wake_all(self) -> None:
+        with self._lock:
+            for subs in self._subs.values():
+                for sub in subs:
+                    sub.changed.set()
 
     def release(self, sub: Subscription) -> None:
         """Let a stream go: stop following its task for it, and count it out (once)."""
@@ -182,7 +193,15 @@ def watcher(app: Flask) -> Watcher:
     found = app.extensions.get("stream_watcher")
     if found is None:
         found = app.extensions.setdefault("stream_watcher", Watcher(app))
+        _watchers.append(found)
     return found
+
+
+def stop_all() -> None:
+    """End every open stream of this process (it is shutting down)."""
+    STOPPING.set()
+    for owner in _watchers:
+        owner.wake_all()
 
 
 def parse_offset(value: str | None) -> int:
@@ -221,6 +240,9 @@ def events(sub: Subscription, offset: int, keepalive: float) -> Iterator[str]:
         if status in FINISHED:
             return
         changed, newest = sub.take(keepalive)
+        if STOPPING.is_set():
+            yield ": the server is restarting; reconnect with Last-Event-ID\n\n"
+            return
         if not changed:
             yield ": keep-alive\n\n"
             continue
