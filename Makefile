@@ -1,5 +1,5 @@
 # `make run` serves everything on this machine; `make test` runs the whole suite;
-# `make bench` runs the benchmarks (README "Performance"). All set up .venv on first use (Python 3.11+).
+# `make bench` runs the benchmarks (docs/performance.md). All set up .venv on first use (Python 3.11+).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -33,11 +33,11 @@ browser:
 test: install-dev browser
 	$(PY) -m pytest
 
-# The fault suite (README "Reliability"): kills workers, Redis and PostgreSQL; about 7 minutes on 2 cores.
+# The fault suite (docs/reliability.md): kills workers, Redis and PostgreSQL; about 7 minutes on 2 cores.
 test-faults: install-dev
 	$(PY) -m pytest -m faults tests/faults -p no:cacheprovider
 
-# Benchmarks (README "Performance"), one after another, ~7-10 minutes. They use the database
+# Benchmarks (docs/performance.md), one after another, ~7-10 minutes. They use the database
 # BENCH_DATABASE_URL (default postgresql://root@127.0.0.1:5432/atr_bench, emptied and reseeded)
 # and Redis BENCH_REDIS_URL (default db 13, flushed).
 BENCHES := submit_load in_flight overhead limited reads memory

@@ -5,7 +5,7 @@ Every test fails if a page throws a script error, breaks the Content-Security-Po
 dialog it did not expect, or sends a request anywhere but the app (such requests are also
 blocked, so nothing ever leaves the machine). Tests wait on conditions, never on sleeps.
 
-SCREENSHOT_DIR=docs .venv/bin/pytest tests/test_browser.py -k grow   # refresh the README's screenshots
+SCREENSHOT_DIR=docs .venv/bin/pytest tests/test_browser.py -k grow   # refresh the screenshots in docs/
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def chunks(text: str) -> list[str]:
 
 @pytest.fixture
 def shots(tmp_path) -> Path:
-    """Where screenshots go: SCREENSHOT_DIR (e.g. docs/) to refresh the README's, else a temp dir."""
+    """Where screenshots go: SCREENSHOT_DIR (e.g. docs/) to refresh the manual's, else a temp dir."""
     folder = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
