@@ -24,41 +24,17 @@ import argparse
 import asyncio
 import json
 import re
-import socket
-import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import psycopg2
 
-from bench.common import DATABASE_URL, ROOT, env, free_port, percentiles, reset_database, user_token
+from bench.common import DATABASE_URL, gunicorn, percentiles, reset_database, user_token
 from bench.poll_latency import WRITE_TASKS, paced, running_tasks, sign_in
 from bench.poll_latency import writer as writes
 
 MARK = re.compile(r"<w(\d+)>")
-
-
-@contextmanager
-def product(**extra_env: str):
-    """The product under gunicorn with the project's gunicorn.conf.py (as `make run`); yield the port."""
-    port = free_port()
-    command = [sys.executable, "-m", "gunicorn", "wsgi:app", "--config", str(ROOT / "gunicorn.conf.py")]
-    command += ["--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
-    process = subprocess.Popen(command, cwd=ROOT, env=env(**extra_env))
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        yield port
-    finally:
-        process.terminate()
-        process.wait(30)
 
 
 class Writer:
@@ -142,7 +118,7 @@ def main() -> None:
     reset_database()
     token = user_token("poller")
     live = "/tasks/%d/live?seen=PROCESSING"
-    with product() as port:
+    with gunicorn("wsgi:app", project_config=True) as port:
         polled = running_tasks(token, port, args.pollers)
         followed = running_tasks(token, port, args.streams)
         cookie = sign_in(port, "poller")

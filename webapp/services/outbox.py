@@ -20,12 +20,13 @@ from datetime import datetime, timedelta
 
 from flask import current_app
 from redis.exceptions import RedisError
-from sqlalchemy import Connection, delete, event, func, insert, or_, select
+from sqlalchemy import Connection, event, func, insert, or_, select
 
 from ..extensions import db
 from ..models import Task, _iso, utcnow
 from ..queues import get_queue
 from ..webhook_models import DeliveryStatus, WebhookDelivery, WebhookEndpoint
+from .retention import delete_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -177,18 +178,8 @@ def cleanup(batch: int = 5000) -> int:
     if days <= 0:
         return 0
     cutoff = utcnow() - timedelta(days=days)
-    deleted = 0
-    while True:
-        ids = (
-            select(_deliveries.c.id)
-            .where(_deliveries.c.status != DeliveryStatus.PENDING.value, _deliveries.c.created_at < cutoff)
-            .limit(batch)
-        )
-        count = db.session.execute(delete(_deliveries).where(_deliveries.c.id.in_(ids.scalar_subquery()))).rowcount
-        db.session.commit()
-        deleted += count
-        if count < batch:
-            break
+    finished = (_deliveries.c.status != DeliveryStatus.PENDING.value, _deliveries.c.created_at < cutoff)
+    deleted = delete_in_batches(_deliveries.c.id, finished, batch)
     if deleted:
         log.info("retention: deleted %s webhook deliveries older than %s days", deleted, days)
     return deleted
