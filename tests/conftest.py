@@ -161,6 +161,18 @@ def other_api(app) -> ApiClient:
     return api_client(app, "bob")
 
 
+@pytest.fixture
+def priced_app(app, fake_provider):
+    """An app beside `app` whose catalog has prices and fallbacks (tests/priced.py)."""
+    from tests.priced import make_priced_app
+
+    priced = make_priced_app(app, fake_provider.url)
+    yield priced
+    with priced.app_context():
+        db.session.remove()
+        db.engine.dispose()
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print what the security tests tried (tests/tally.py), when they ran."""
     from tests.tally import counts

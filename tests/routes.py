@@ -48,6 +48,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ("POST", "/tasks/<int:task_id>/retry"): ("/tasks/{cancelled}/retry", OWNED_PAGE),
     ("POST", "/tasks/<int:task_id>/delete"): ("/tasks/{pending}/delete", OWNED_PAGE),
     ("GET", "/tokens"): ("/tokens", PAGE),
+    ("GET", "/usage"): ("/usage", PAGE),
     ("POST", "/tokens"): ("/tokens", PAGE),
     # Tokens are per user for admins too: nobody revokes another's token.
     ("POST", "/tokens/<int:token_id>/revoke"): ("/tokens/{token}/revoke", {**OWNED_PAGE, "admin": 404}),
@@ -63,6 +64,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ("POST", "/admin/users/<int:user_id>/active"): ("/admin/users/{target}/active", ADMIN),
     ("POST", "/admin/users/<int:user_id>/admin"): ("/admin/users/{target}/admin", ADMIN),
     ("POST", "/admin/users/<int:user_id>/password"): ("/admin/users/{target}/password", ADMIN),
+    ("POST", "/admin/users/<int:user_id>/budget"): ("/admin/users/{target}/budget", ADMIN),
     ("GET", "/admin/rq/"): ("/admin/rq/", ADMIN),
     ("GET", "/admin/rq/<int:instance_number>/"): ("/admin/rq/0/", ALIAS),
     ("GET", "/admin/rq/<int:instance_number>/view"): ("/admin/rq/0/view", ALIAS),
@@ -97,6 +99,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ("GET", "/api/v1/openapi.json"): ("/api/v1/openapi.json", PUBLIC),
     ("GET", "/api/v1/health"): ("/api/v1/health", PUBLIC),
     ("GET", "/api/v1/models"): ("/api/v1/models", API),
+    ("GET", "/api/v1/usage"): ("/api/v1/usage", API),
     ("POST", "/api/v1/tasks"): ("/api/v1/tasks", API),
     ("GET", "/api/v1/tasks"): ("/api/v1/tasks", API),
     ("GET", "/api/v1/tasks/<int:task_id>"): ("/api/v1/tasks/{pending}", OWNED_API),

@@ -20,6 +20,8 @@ TASK_FIELDS = {
     "error",
     "attempts",
     "usage",
+    "served_by",
+    "cost_usd",
     "created_at",
     "started_at",
     "finished_at",

@@ -45,6 +45,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.config.update(overrides or {})
     if not 1 <= app.config["PROMPT_MAX_CHARS"] <= PROMPT_CEILING:
         raise ValueError(f"PROMPT_MAX_CHARS must be between 1 and {PROMPT_CEILING:,}")
+    app.config["DEFAULT_MONTHLY_BUDGET_USD"] = cfg.monthly_budget(app.config["DEFAULT_MONTHLY_BUDGET_USD"])
     instance = Path(app.instance_path)
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", cfg.database_uri(app.config["DATABASE_URL"], instance))
     app.config["REDIS_URL"] = cfg.redis_url(app.config["REDIS_URL"], instance)
@@ -82,7 +83,7 @@ def create_app(overrides: dict | None = None) -> App:
 
     from . import auth, cli, rq_dashboard  # noqa: F401 (auth registers the session user loader)
     from .views import admin as admin_views
-    from .views import api, api_events, api_webhooks, errors, metrics, pages, webhooks  # noqa: F401 (routes join api.bp)
+    from .views import api, api_events, api_webhooks, errors, metrics, pages, usage, webhooks  # noqa: F401
 
     if not app.config.get("TESTING"):
         setup_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
@@ -90,6 +91,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.register_api(api.bp)
     csrf.exempt(api.bp)  # bearer tokens only: no cookies, so no cross-site forgery
     app.register_blueprint(pages.bp)
+    app.register_blueprint(usage.bp)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(metrics.bp)

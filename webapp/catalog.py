@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import os
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from flask import current_app
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
 
+from . import money
+from .money import PRICE_PLACES
+
 LOCAL = "local"
+# Dollars per million tokens; a price above this is a typo (the dearest models cost ~$100).
+PRICE_MAX = Decimal(100_000)
+
+
+def _price(description: str):
+    return Field(
+        default=Decimal(0),
+        ge=0,
+        le=PRICE_MAX,
+        allow_inf_nan=False,
+        decimal_places=PRICE_PLACES,
+        description=description,
+    )
 
 
 class ModelSpec(BaseModel):
@@ -38,6 +55,21 @@ class ModelSpec(BaseModel):
     read_timeout: float = Field(default=30, gt=0)
     # Extra fields sent in the request body (e.g. llama.cpp's repeat_penalty).
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    # What the provider charges, in US dollars per million tokens; 0 is free (`local`).
+    usd_per_million_input_tokens: Decimal = _price("dollars per million prompt tokens")
+    usd_per_million_output_tokens: Decimal = _price("dollars per million answer tokens")
+    # Models tried next, in order, when this one is unavailable (docs/costs.md).
+    fallbacks: tuple[str, ...] = ()
+
+    def cost(self, prompt_tokens: int | None, completion_tokens: int | None) -> Decimal:
+        """Return what an answer of this model costs at its current prices."""
+        return money.cost(
+            prompt_tokens, completion_tokens, self.usd_per_million_input_tokens, self.usd_per_million_output_tokens
+        )
+
+    @property
+    def is_free(self) -> bool:
+        return not (self.usd_per_million_input_tokens or self.usd_per_million_output_tokens)
 
     def api_key(self) -> str:
         """Return the provider key from the environment; local servers take any string."""
@@ -54,6 +86,9 @@ class ModelSpec(BaseModel):
             "max_tokens": self.max_tokens,
             "default_max_tokens": self.default_max_tokens,
             "temperature": self.temperature,
+            "usd_per_million_input_tokens": money.as_json(self.usd_per_million_input_tokens),
+            "usd_per_million_output_tokens": money.as_json(self.usd_per_million_output_tokens),
+            "fallbacks": list(self.fallbacks),
         }
 
 
@@ -65,15 +100,46 @@ class Catalog:
             raise ValueError(f"DEFAULT_MODEL {default!r} is not in the catalog ({', '.join(models)})")
         self.models = models
         self.default = default
+        self.chains = {name: _chain(models, name) for name in models}
 
     def get(self, name: str) -> ModelSpec | None:
         return self.models.get(name)
+
+    def chain(self, name: str) -> list[ModelSpec]:
+        """Return the model and the models it falls back to, in the order they are tried."""
+        return self.chains.get(name, [])
 
     def names(self) -> list[str]:
         return sorted(self.models)
 
     def __iter__(self):
         return iter(self.models.values())
+
+
+def _chain(models: dict[str, ModelSpec], name: str) -> list[ModelSpec]:
+    """Flatten a model's fallbacks depth first (each fallback's own fallbacks before the next one).
+
+    Raises ValueError naming the key for an unknown name or a cycle.
+    """
+    order: list[ModelSpec] = []
+
+    def visit(current: str, path: tuple[str, ...]) -> None:
+        spec = models[current]
+        if spec not in order:
+            order.append(spec)
+        for nxt in spec.fallbacks:
+            if nxt not in models:
+                raise ValueError(
+                    f"model {current!r} in the catalog: fallbacks names {nxt!r}, which is not in the catalog "
+                    f"({', '.join(sorted(models))})"
+                )
+            if nxt in path:
+                cycle = " → ".join((*path[path.index(nxt) :], nxt))
+                raise ValueError(f"model {current!r} in the catalog: fallbacks make a cycle ({cycle})")
+            visit(nxt, (*path, nxt))
+
+    visit(name, (name,))
+    return order
 
 
 def local_model(base_url: str, parallel: int) -> ModelSpec:
@@ -111,8 +177,16 @@ def load_catalog(config: dict) -> Catalog:
         try:
             models[name] = ModelSpec(name=name, **entry)
         except ValidationError as exc:
-            raise ValueError(f"model {name!r} in the catalog: {exc}") from exc
+            raise ValueError(f"model {name!r} in the catalog: {_problems(exc)}") from exc
     return Catalog(models, default)
+
+
+def _problems(exc: ValidationError) -> str:
+    """Return pydantic's errors as one line per key: "usd_per_million_input_tokens: must be ... (got -1)"."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'entry'}: {error['msg']} (got {error.get('input')!r})"
+        for error in exc.errors()
+    )
 
 
 def catalog() -> Catalog:

@@ -45,6 +45,24 @@ def create_user(name: str, admin: bool, password_stdin: bool) -> None:
     click.echo(f"Created {'admin' if user.is_admin else 'user'} {user.username}.")
 
 
+# ignore_unknown_options: a negative amount ("-3") is an amount to refuse with a reason, not an option.
+@users.command("budget", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("usd")
+def set_budget(name: str, usd: str) -> None:
+    """Set user NAME's monthly budget: dollars (25, 12.50), none for no limit, or default."""
+    from .services import budgets
+
+    user = accounts.find_user(name)
+    if user is None:
+        raise click.ClickException(f"No user named {name!r}. Create one with `flask --app wsgi users create {name}`.")
+    try:
+        budgets.set_budget(user, usd)
+    except AppError as exc:
+        _fail(exc)
+    click.echo(f"{user.username}'s monthly budget is {budgets.describe_budget(user)}.")
+
+
 @tokens.command("create")
 @click.argument("name")
 @click.option("--label", default="cli", show_default=True, help="A name for the token.")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from decimal import Decimal
 from pathlib import Path
+
+from .money import parse_budget
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTANCE = Path(os.environ.get("INSTANCE_PATH", ROOT / "instance"))
@@ -26,6 +29,9 @@ class Config:
 
     MODELS_FILE: str | None = None
     DEFAULT_MODEL = "local"
+    # The monthly budget in US dollars of users who have none of their own; unset or "none"
+    # means no limit (docs/costs.md).
+    DEFAULT_MONTHLY_BUDGET_USD: str | None = None
     # Where the built-in `local` model's server listens (started by `make run` / compose).
     LOCAL_MODEL_URL = "http://127.0.0.1:8091/v1"
     LOCAL_MODEL_THREADS = 2
@@ -160,6 +166,16 @@ def from_environment(defaults: type) -> dict:
         for name in dir(defaults)
         if name.isupper() and name in os.environ
     }
+
+
+def monthly_budget(value) -> Decimal | None:
+    """Read DEFAULT_MONTHLY_BUDGET_USD: dollars, or unset / "none" for no limit."""
+    if value is None or str(value).strip().lower() in ("", "none"):
+        return None
+    try:
+        return parse_budget(str(value))
+    except ValueError as exc:
+        raise ValueError(f"DEFAULT_MONTHLY_BUDGET_USD: {exc}") from None
 
 
 def database_uri(url: str | None, instance: Path) -> str:

@@ -54,3 +54,10 @@ class RateLimitedError(AppError):
     def __init__(self, message: str, retry_after: int, details: dict | None = None):
         super().__init__(message, details)
         self.retry_after = max(1, int(retry_after))
+
+
+class BudgetExceededError(AppError):
+    """The work would not fit in what is left of its owner's monthly budget."""
+
+    status = 402
+    code = "budget_exceeded"

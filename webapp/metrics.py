@@ -43,6 +43,7 @@ COUNTERS = {
         Spec("atr_provider_errors", "Failed attempts by error class (retried or final).", ("model", "kind")),
         Spec("atr_tasks_stopped", "Attempts stopped: the task was cancelled, deleted or taken back.", ("model",)),
         Spec("atr_tokens", "Tokens used by completed tasks.", ("model", "type")),
+        Spec("atr_cost_usd", "US dollars answers cost, at the prices of the model that answered.", ("model",)),
         Spec(
             "atr_tasks_deferred",
             "Jobs deferred unclaimed: the model's circuit breaker was open, or its rpm/tpm limit reached.",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from decimal import Decimal
 
 from flask_login import UserMixin
 from sqlalchemy import (
     JSON,
     BigInteger,
     CheckConstraint,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -25,7 +27,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from . import money
 from .extensions import db
+from .money import Amount, Budget, Price
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -82,6 +86,10 @@ class User(UserMixin, db.Model):
     is_admin: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
     is_active: Mapped[bool] = mapped_column(default=True, server_default=text("true"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The monthly budget in US dollars. While budget_is_default, DEFAULT_MONTHLY_BUDGET_USD
+    # applies; otherwise monthly_budget_usd does, and NULL there means no limit.
+    budget_is_default: Mapped[bool] = mapped_column(default=True, server_default=text("true"))
+    monthly_budget_usd: Mapped[Decimal | None] = mapped_column(Budget)
 
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", cascade="all, delete-orphan")
 
@@ -93,6 +101,10 @@ class User(UserMixin, db.Model):
 
     def password_needs_rehash(self) -> bool:
         return not self.password_hash.startswith(PASSWORD_METHOD + ":")
+
+    def budget(self, default: Decimal | None) -> Decimal | None:
+        """Return the user's monthly budget in dollars (None: no limit), given the configured default."""
+        return default if self.budget_is_default else self.monthly_budget_usd
 
     def __repr__(self) -> str:
         return f"<User {self.id} {self.username}>"
@@ -158,6 +170,18 @@ class Task(db.Model):
     max_attempts: Mapped[int] = mapped_column(Integer)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # The catalog model that answered (differs from `model` after a fallback), the prices it
+    # charged then (dollars per million tokens), and the answer's cost at those prices.
+    served_by: Mapped[str | None] = mapped_column(String(100))
+    usd_per_million_input_tokens: Mapped[Decimal | None] = mapped_column(Price)
+    usd_per_million_output_tokens: Mapped[Decimal | None] = mapped_column(Price)
+    cost_usd: Mapped[Decimal | None] = mapped_column(Amount)
+    # The most the task can cost, held against its owner's budget in the usage row of
+    # `reserved_month` while the task is unfinished (webapp/services/budgets.py).
+    reserved_usd: Mapped[Decimal | None] = mapped_column(Amount)
+    reserved_month: Mapped[date | None] = mapped_column(Date)
+    # The model of its fallback chain the task runs on now; NULL while it is still on `model`.
+    active_model: Mapped[str | None] = mapped_column(String(100))
     # The RQ job of the latest enqueue; only the sweeper and cancellation look at it.
     job_id: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -194,6 +218,8 @@ class Task(db.Model):
             "error": self.error,
             "attempts": self.attempts,
             "usage": self.usage,
+            "served_by": self.served_by,
+            "cost_usd": money.as_json(self.cost_usd),
             "created_at": _iso(self.created_at),
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
@@ -202,6 +228,57 @@ class Task(db.Model):
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.status}>"
+
+
+class TaskAttempt(db.Model):
+    """A provider call of a task that did not answer: which model, and what went wrong.
+
+    The answering call is the task's `served_by`; with these the task page tells the story
+    ("local → gpt-4o-mini after 3 × HTTP 500").
+    """
+
+    __tablename__ = "task_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
+    # The task's attempt number then (a move on from an open circuit breaker spends none).
+    attempt: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(100))
+    # The error class (provider_error, timeout, rate_limited, context_length, circuit_open, ...)
+    # and a few words for people ("HTTP 500").
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(String(200))
+    # Whether this attempt moved the task on to the next model of its chain.
+    fell_back: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class UsageMonth(db.Model):
+    """A user's spend and held reservations in one month: what budgets are enforced and reported from."""
+
+    __tablename__ = "usage_months"
+    __table_args__ = (Index("ix_usage_months_month", "month"),)
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    # The first day of the month (UTC).
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    spent_usd: Mapped[Decimal] = mapped_column(Amount, default=money.ZERO, server_default=text("0"))
+    reserved_usd: Mapped[Decimal] = mapped_column(Amount, default=money.ZERO, server_default=text("0"))
+
+
+class UsageDay(db.Model):
+    """What a user's answers of one model cost on one day (UTC); it outlives the tasks themselves."""
+
+    __tablename__ = "usage_days"
+
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    # The model that answered (served_by).
+    model: Mapped[str] = mapped_column(String(100), primary_key=True)
+    tasks: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    cost_usd: Mapped[Decimal] = mapped_column(Amount, default=money.ZERO, server_default=text("0"))
 
 
 class IdempotencyKey(db.Model):

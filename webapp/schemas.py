@@ -104,6 +104,8 @@ class TaskOut(BaseModel):
     error: str | None
     attempts: int
     usage: Usage | None
+    served_by: str | None = Field(description="The catalog model that answered; differs from model after a fallback.")
+    cost_usd: float | None = Field(description="What the answer cost in US dollars, at the prices of served_by then.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -122,10 +124,42 @@ class ModelInfo(BaseModel):
     max_tokens: int
     default_max_tokens: int
     temperature: float
+    usd_per_million_input_tokens: float
+    usd_per_million_output_tokens: float
+    fallbacks: list[str] = Field(description="Models tried next, in order, when this one is unavailable.")
 
 
 class ModelList(BaseModel):
     items: list[ModelInfo]
+
+
+class UsageQuery(Parameters):
+    model_config = ConfigDict(extra="forbid")
+
+    month: str | None = Field(None, max_length=20, description="YYYY-MM (UTC); this month when absent.")
+
+
+class ModelUsage(BaseModel):
+    model: str = Field(description="The model that answered.")
+    tasks: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+class DayUsage(BaseModel):
+    day: str
+    tasks: int
+    cost_usd: float
+
+
+class UsageOut(BaseModel):
+    month: str
+    spent_usd: float = Field(description="What answers that finished this month cost.")
+    reserved_usd: float = Field(description="Held by unfinished tasks: the most they can still cost.")
+    budget_usd: float | None = Field(description="The monthly budget; null for no limit.")
+    by_model: list[ModelUsage]
+    by_day: list[DayUsage]
 
 
 class Check(BaseModel):

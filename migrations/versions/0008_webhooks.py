@@ -1,7 +1,7 @@
 """webhooks: endpoints per user, and the outbox of deliveries
 
 Revision ID: 0008
-Revises: 0003
+Revises: 0009
 Create Date: 2026-12-06
 
 """
@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql
 
 # revision identifiers, used by Alembic.
 revision = '0008'
-down_revision = '0003'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 

@@ -5,17 +5,23 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
+from .. import money
 from ..auth import login_manager
 from ..catalog import catalog
 from ..errors import AppError, ForbiddenError, ValidationError
 from ..extensions import db
-from ..models import TaskStatus
-from ..services import accounts, stats
+from ..models import TaskStatus, User, utcnow
+from ..services import accounts, budgets, stats, usage
 from ..services import admin as service
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 REFRESH_SECONDS = 5
+
+
+@bp.app_template_filter("budget_words")
+def budget_words(user: User) -> str:
+    return budgets.describe_budget(user)
 
 
 @bp.before_request
@@ -37,15 +43,21 @@ def _snapshot():
     return stats.snapshot(current_app.extensions["redis"])
 
 
+def _spend():
+    """This month's biggest spenders, for the stats page."""
+    month = money.month_of(utcnow())
+    return {"month": month, "users": usage.spend_by_user(month)}
+
+
 @bp.get("")
 def index():
-    return render_template("admin/stats.html", snap=_snapshot(), refresh=REFRESH_SECONDS)
+    return render_template("admin/stats.html", snap=_snapshot(), spend=_spend(), refresh=REFRESH_SECONDS)
 
 
 @bp.get("/stats")
 def stats_partial():
     """The live part of the stats page; htmx fetches it every few seconds."""
-    return render_template("admin/_stats.html", snap=_snapshot(), refresh=REFRESH_SECONDS)
+    return render_template("admin/_stats.html", snap=_snapshot(), spend=_spend(), refresh=REFRESH_SECONDS)
 
 
 def _render_tasks(preview=None, errors=None, values=None, status=200):
@@ -107,7 +119,7 @@ def users():
     return _users_page()
 
 
-def _users_page(errors=None, values=None, new_password=None, status=200):
+def _users_page(errors=None, values=None, new_password=None, status=200, budget_errors=None):
     db.session.rollback()
     return (
         render_template(
@@ -116,6 +128,8 @@ def _users_page(errors=None, values=None, new_password=None, status=200):
             errors=errors or {},
             values=values or {},
             new_password=new_password,
+            budget_errors=budget_errors or {},
+            default_budget=budgets.describe_default(),
         ),
         status,
     )
@@ -165,3 +179,15 @@ def reset_password(user_id: int):
     user, password = service.reset_password(user_id)
     page, status = _users_page(new_password=(user.username, password))
     return page, status, {"Cache-Control": "no-store"}
+
+
+@bp.post("/users/<int:user_id>/budget")
+def set_budget(user_id: int):
+    """Set a user's monthly budget; a bad amount shows the page again with the message by that user."""
+    text = request.form.get("budget", "")
+    try:
+        user = budgets.set_budget(db.get_or_404(User, user_id), text)
+    except ValidationError as exc:
+        return _users_page(budget_errors={user_id: (text, exc.message)})
+    flash(f"{user.username}'s monthly budget is {budgets.describe_budget(user)}.", "info")
+    return redirect(url_for("admin.users"), code=303)

@@ -20,16 +20,22 @@ from ..schemas import (
     TaskOut,
     TaskPath,
     TaskQuery,
+    UsageOut,
+    UsageQuery,
 )
 from ..services import health as health_service
 from ..services import tasks as service
+from ..services import usage as usage_service
 from ..services.accounts import TOKEN_PREFIX
 
 tasks_tag = Tag(name="tasks", description="Submit prompts and follow their answers")
+usage_tag = Tag(name="usage", description="What your answers cost, and your monthly budget")
 meta_tag = Tag(name="meta", description="Models and health")
 BEARER = [{"bearer": []}]
 # Errors any authenticated call can answer with, documented on every operation.
 COMMON = {401: ErrorEnvelope, 422: ErrorEnvelope, 429: ErrorEnvelope, 503: ErrorEnvelope}
+# Where work is accepted, the owner's monthly budget may refuse it.
+BUDGET = {402: ErrorEnvelope}
 BODY_ERRORS = {400: ErrorEnvelope, 413: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope}
 PUBLIC_ENDPOINTS = {"api.health", "api.openapi"}
 # Calls whose body must be a JSON object (a plain 415/400/422 before validation).
@@ -108,7 +114,7 @@ def _task_response(task, status: int):
     tags=[tasks_tag],
     summary="Submit a prompt",
     security=BEARER,
-    responses={202: TaskOut, **BODY_ERRORS, **COMMON},
+    responses={202: TaskOut, **BUDGET, **BODY_ERRORS, **COMMON},
 )
 def create_task(body: TaskCreate, header: SubmitHeaders):
     """Record the task and queue it; poll the Location to follow it."""
@@ -164,7 +170,7 @@ def cancel_task(path: TaskPath):
     tags=[tasks_tag],
     summary="Run a failed or cancelled task again",
     security=BEARER,
-    responses={202: TaskOut, 404: ErrorEnvelope, 409: ErrorEnvelope, **COMMON},
+    responses={202: TaskOut, 404: ErrorEnvelope, 409: ErrorEnvelope, **BUDGET, **COMMON},
 )
 def retry_task(path: TaskPath):
     return _task_response(service.retry(g.user, path.task_id), 202)
@@ -180,6 +186,18 @@ def retry_task(path: TaskPath):
 def delete_task(path: TaskPath):
     service.delete_task(g.user, path.task_id)
     return "", 204
+
+
+@bp.get(
+    "/usage",
+    tags=[usage_tag],
+    summary="A month's spend, held reservations and budget, by model and by day",
+    security=BEARER,
+    responses={200: UsageOut, **COMMON},
+)
+def get_usage(query: UsageQuery):
+    month = usage_service.parse_month(query.month)
+    return usage_service.month_usage(g.user, month).to_dict()
 
 
 @bp.get("/models", tags=[meta_tag], summary="Models you can use", security=BEARER, responses={200: ModelList, **COMMON})

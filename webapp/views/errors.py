@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 CODES = {
     400: "bad_request",
     401: "unauthorized",
+    402: "budget_exceeded",
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from decimal import Decimal
 
 from flask import (
     Blueprint,
@@ -24,7 +25,7 @@ from flask import (
 from flask_login import current_user, login_required, login_user, logout_user
 from markupsafe import Markup
 
-from .. import ratelimits
+from .. import money, ratelimits
 from ..catalog import catalog
 from ..errors import ConflictError, RateLimitedError, ValidationError
 from ..models import TaskStatus
@@ -68,6 +69,17 @@ def when_filter(value: datetime | None) -> Markup:
     return Markup('<time datetime="{}">{}</time>').format(
         utc.isoformat().replace("+00:00", "Z"), utc.strftime("%Y-%m-%d %H:%M:%S UTC")
     )
+
+
+@bp.app_template_filter("usd")
+def usd_filter(amount) -> str:
+    return money.usd(amount)
+
+
+@bp.app_template_filter("usd_plain")
+def usd_plain_filter(amount) -> str:
+    """An amount as a person would type it back into a form: 25, 12.5."""
+    return f"{Decimal(amount).normalize():f}"
 
 
 @bp.app_template_filter("duration")
