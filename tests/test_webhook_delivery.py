@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, update
 
-from tests.helpers import redis_conn
+from tests.helpers import ROOT, redis_conn
 from tests.receiver import Receiver, deliver_all
 from webapp.extensions import db
 from webapp.models import Task, utcnow
@@ -291,3 +294,47 @@ def _user(api):
     from webapp.models import User
 
     return db.session.get(User, api.user.id)
+
+
+FINISH_AND_DIE = """
+import os, signal, sys
+from sqlalchemy import update
+from webapp import create_app
+from webapp.extensions import db
+from webapp.models import Task, utcnow
+from webapp.services import outbox
+
+app = create_app()
+tasks = Task.__table__
+with app.app_context():
+    with db.engine.begin() as connection:
+        rows = connection.execute(
+            update(tasks).where(tasks.c.id == int(sys.argv[1]))
+            .values(status="COMPLETED", result="Paris.", progress=100, finished_at=utcnow())
+            .returning(*tasks.c)
+        ).mappings()
+        outbox.record_task_events(connection, [dict(r) for r in rows])
+    os.kill(os.getpid(), signal.SIGKILL)  # dead right after the commit
+"""
+
+
+def test_a_process_killed_after_the_commit_still_delivers(app, api, hooks, receiver, test_env, tmp_path):
+    _, secret = endpoint_for(app, api, receiver.url)
+    task = api.submit()
+    script = tmp_path / "finish_and_die.py"
+    script.write_text(FINISH_AND_DIE)
+    # Its Redis is a closed port: the commit happens, the wake-up job is never enqueued.
+    env = {**test_env, "REDIS_URL": "redis://127.0.0.1:9/0"}
+    done = subprocess.run([sys.executable, str(script), str(task["id"])], env=env, cwd=ROOT, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert api.task(task["id"])["status"] == "COMPLETED"
+    (row,) = deliveries(app)
+    assert row.status == "pending"
+    deliver_all(app)
+    assert receiver.received == []  # no job: only the record knows
+    with app.app_context():
+        db.session.execute(update(WebhookDelivery).values(next_attempt_at=utcnow() - timedelta(minutes=2)))
+        db.session.commit()
+        assert outbox.sweep() == 1  # what the scheduler runs every SWEEP_INTERVAL
+    deliver_all(app)
+    assert receiver.wait_for(1)[0].verify(secret)["data"]["id"] == task["id"]
