@@ -89,15 +89,8 @@ def sign(secret: str, message_id: str, timestamp: int, body: str) -> str:
 
 
 def retry_delays() -> list[float]:
-    """Return WEBHOOK_RETRY_DELAYS as seconds; raise ValueError when it is not a list of numbers."""
-    raw = str(current_app.config["WEBHOOK_RETRY_DELAYS"])
-    try:
-        delays = [float(part) for part in raw.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"WEBHOOK_RETRY_DELAYS must be seconds separated by commas, not {raw!r}") from None
-    if any(d < 0 for d in delays):
-        raise ValueError(f"WEBHOOK_RETRY_DELAYS must not be negative: {raw!r}")
-    return delays
+    """Return WEBHOOK_RETRY_DELAYS as seconds (checked when the app was made)."""
+    return outbox.parse_delays(current_app.config["WEBHOOK_RETRY_DELAYS"])
 
 
 def deliver(delivery_id: int) -> str:

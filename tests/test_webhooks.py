@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from tests.helpers import api_client
+from tests.helpers import api_client, app_with
 from webapp.webhook_models import EVENT_TYPES
 
 
@@ -170,3 +170,9 @@ def test_the_openapi_document_lists_the_webhook_and_stream_calls(client):
     assert {"post", "get"} <= set(paths["/api/v1/webhooks"])
     assert "delete" in paths["/api/v1/webhooks/{webhook_id}"]
     assert "get" in paths["/api/v1/tasks/{task_id}/events"]
+
+
+@pytest.mark.parametrize("bad", ["5,five", "5,-1", "1h"])
+def test_a_bad_retry_schedule_stops_the_start(app, bad):
+    with pytest.raises(ValueError, match="WEBHOOK_RETRY_DELAYS"):
+        app_with(app, WEBHOOK_RETRY_DELAYS=bad)

@@ -52,6 +52,17 @@ class Event:
     data: dict
 
 
+def parse_delays(raw: object) -> list[float]:
+    """Return WEBHOOK_RETRY_DELAYS as seconds; raise ValueError when it is not numbers separated by commas."""
+    try:
+        delays = [float(part) for part in str(raw).split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"WEBHOOK_RETRY_DELAYS must be seconds separated by commas, not {raw!r}") from None
+    if any(delay < 0 for delay in delays):
+        raise ValueError(f"WEBHOOK_RETRY_DELAYS must not be negative: {raw!r}")
+    return delays
+
+
 def new_message_id() -> str:
     return "msg_" + secrets.token_urlsafe(18)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
 from ..errors import ConflictError, ValidationError
+from ..models import utcnow
 from ..services import webhooks as service
 from ..webhook_models import EVENT_TYPES
 
@@ -60,8 +63,17 @@ def create():
 def _render_endpoint(endpoint_id: int, secret: str | None = None):
     endpoint = service.get_endpoint(current_user, endpoint_id)
     return render_template(
-        "webhook.html", endpoint=endpoint, deliveries=service.deliveries(current_user, endpoint_id), secret=secret
+        "webhook.html",
+        endpoint=endpoint,
+        deliveries=service.deliveries(current_user, endpoint_id),
+        secret=secret,
+        soon=_soon(),
     )
+
+
+def _soon():
+    """The log polls while a pending delivery is due before this (not for a retry hours away)."""
+    return utcnow() + timedelta(seconds=60)
 
 
 @bp.get("/webhooks/<int:endpoint_id>")
@@ -76,7 +88,7 @@ def deliveries(endpoint_id: int):
     """The deliveries log alone: the page polls it while deliveries are pending."""
     endpoint = service.get_endpoint(current_user, endpoint_id)
     return render_template(
-        "_deliveries.html", endpoint=endpoint, deliveries=service.deliveries(current_user, endpoint_id)
+        "_deliveries.html", endpoint=endpoint, deliveries=service.deliveries(current_user, endpoint_id), soon=_soon()
     )
 
 
