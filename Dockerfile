@@ -15,7 +15,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 tini \
     && rm -rf /var/lib/apt/lists/*
 
-# WEB_CONCURRENCY is gunicorn's default worker count; each worker also runs --threads (see CMD).
+# WEB_CONCURRENCY is gunicorn's worker count; each runs WEB_THREADS threads (gunicorn.conf.py).
 ENV APP_ENV=production \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -70,12 +70,12 @@ ENTRYPOINT ["/usr/bin/tini", "--"]
 # No HEALTHCHECK here: the same image runs workers and the scheduler, which serve no HTTP.
 # docker-compose.yml gives each service the check that fits it.
 #
-# gthread workers: requests are short (pages poll with htmx), threads cover slow clients.
+# gthread workers with WEB_THREADS (256) threads each: requests are short (pages poll with htmx),
+# and an event stream holds a thread while it lasts (gunicorn.conf.py says how many may).
 # --graceful-timeout stays under compose's stop_grace_period (30s) so in-flight requests
 # finish before a SIGKILL; /dev/shm keeps the worker heartbeat file off the overlay disk.
 CMD ["gunicorn", "wsgi:app", \
      "--bind", "0.0.0.0:5000", \
-     "--worker-class", "gthread", "--threads", "8", \
      "--graceful-timeout", "25", \
      "--worker-tmp-dir", "/dev/shm", \
      "--access-logfile", "-"]

@@ -81,24 +81,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def gunicorn(app: str, workers: int = 1, threads: int = 4, **extra_env: str):
-    """Serve `app` (module:variable) on a free port; yield the port."""
+def gunicorn(app: str, workers: int = 1, threads: int = 4, project_config: bool = False, **extra_env: str):
+    """Serve `app` (module:variable) on a free port; yield the port.
+
+    With `project_config`, gunicorn.conf.py decides workers and threads, as under `make run`.
+    """
     port = free_port()
+    if project_config:
+        sizing = ["--config", str(ROOT / "gunicorn.conf.py")]
+    else:
+        sizing = ["--workers", str(workers), "--threads", str(threads)]
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            app,
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-            "--threads",
-            str(threads),
-            "--log-level",
-            "warning",
-        ],
+        [sys.executable, "-m", "gunicorn", app, "--bind", f"127.0.0.1:{port}", *sizing, "--log-level", "warning"],
         cwd=ROOT,
         env=env(**extra_env),
     )

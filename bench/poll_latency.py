@@ -98,11 +98,16 @@ def writer(statement: str):
     stop = threading.Event()
 
     def run():
-        with psycopg2.connect(DATABASE_URL) as db:
-            db.autocommit = True
+        # Not `with connect() as db`: since psycopg2 2.9 that block is one transaction even in
+        # autocommit, and no write would be seen before the end.
+        db = psycopg2.connect(DATABASE_URL)
+        db.autocommit = True
+        try:
             with db.cursor() as cur:
                 while not stop.wait(1.0):
                     cur.execute(statement)
+        finally:
+            db.close()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

@@ -53,7 +53,7 @@ def purge() -> None:
         Queue(name, connection=redis).empty()
     conn = psycopg2.connect(DATABASE_URL)
     with conn, conn.cursor() as cur:
-        cur.execute("TRUNCATE tasks, idempotency_keys, baseline_rows")
+        cur.execute("TRUNCATE task_attempts, tasks, idempotency_keys, baseline_rows")
     conn.close()
 
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sqlalchemy import select
+
 from tests.helpers import ApiClient, csrf_from, login, make_user, task_row
 from webapp.extensions import db
-from webapp.models import User
-from webapp.services import accounts
+from webapp.models import User, utcnow
+from webapp.services import accounts, outbox
+from webapp.services.webhooks import new_secret
+from webapp.webhook_models import WebhookDelivery, WebhookEndpoint
 
 ROLES = ("anonymous", "user", "other", "disabled", "admin")
 OK, LOGIN = "ok", "login"  # ok: 2xx/3xx that is not a trip to the sign-in page; login: sent to sign in (or 401)
@@ -22,6 +26,9 @@ OWNED_PAGE = {**PAGE, "other": 404}
 ADMIN = {"anonymous": LOGIN, "user": 403, "other": 403, "disabled": LOGIN, "admin": OK}
 API = {"anonymous": LOGIN, "user": OK, "other": OK, "disabled": LOGIN, "admin": OK}
 OWNED_API = {**API, "other": 404}
+# A public address given as a literal: nothing is resolved. Endpoints here hear only
+# batch.expired, which these tests never cause, and no delivery worker runs in them.
+PUBLIC_URL = "https://93.184.215.14/hooks"
 # Routing sends these aliases to the dashboard's own address, /admin/rq/, before anything runs.
 ALIAS = dict.fromkeys(ROLES, 308)
 
@@ -102,6 +109,27 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ("POST", "/api/v1/tasks/<int:task_id>/cancel"): ("/api/v1/tasks/{pending}/cancel", OWNED_API),
     ("POST", "/api/v1/tasks/<int:task_id>/retry"): ("/api/v1/tasks/{cancelled}/retry", OWNED_API),
     ("DELETE", "/api/v1/tasks/<int:task_id>"): ("/api/v1/tasks/{pending}", OWNED_API),
+    # A finished task's stream ends at once.
+    ("GET", "/api/v1/tasks/<int:task_id>/events"): ("/api/v1/tasks/{cancelled}/events", OWNED_API),
+    ("POST", "/api/v1/webhooks"): ("/api/v1/webhooks", API),
+    ("GET", "/api/v1/webhooks"): ("/api/v1/webhooks", API),
+    # Webhook endpoints are per user for admins too, like tokens.
+    ("DELETE", "/api/v1/webhooks/<int:webhook_id>"): ("/api/v1/webhooks/{endpoint}", {**OWNED_API, "admin": 404}),
+    ("GET", "/webhooks"): ("/webhooks", PAGE),
+    ("POST", "/webhooks"): ("/webhooks", PAGE),
+    ("GET", "/webhooks/<int:endpoint_id>"): ("/webhooks/{endpoint}", {**OWNED_PAGE, "admin": 404}),
+    ("GET", "/webhooks/<int:endpoint_id>/deliveries"): (
+        "/webhooks/{endpoint}/deliveries",
+        {**OWNED_PAGE, "admin": 404},
+    ),
+    ("POST", "/webhooks/<int:endpoint_id>/rotate"): ("/webhooks/{endpoint}/rotate", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/webhooks/<int:endpoint_id>/test"): ("/webhooks/{endpoint}/test", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/webhooks/<int:endpoint_id>/enable"): ("/webhooks/{endpoint}/enable", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/webhooks/<int:endpoint_id>/delete"): ("/webhooks/{endpoint}/delete", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/webhooks/deliveries/<int:delivery_id>/resend"): (
+        "/webhooks/deliveries/{delivery}/resend",
+        {**OWNED_PAGE, "admin": 404},
+    ),
 }
 
 # What each route is sent besides credentials (a body the route accepts).
@@ -112,8 +140,12 @@ FORMS = {
     "/admin/tasks/preview": {"action": "retry", "status": "FAILED"},
     "/admin/tasks/apply": {"action": "retry", "status": "FAILED", "up_to_id": "1", "count": "0"},
     "/admin/users": {"username": "newcomer", "password": "long enough password"},
+    "/webhooks": {"url": PUBLIC_URL, "events": "batch.expired"},
 }
-JSON_BODIES = {"/api/v1/tasks": {"prompt": "from the matrix"}}
+JSON_BODIES = {
+    "/api/v1/tasks": {"prompt": "from the matrix"},
+    "/api/v1/webhooks": {"url": PUBLIC_URL, "events": ["batch.expired"]},
+}
 # Routes that end the caller's sign-in (all of them, for the second): the role signs in again after.
 ENDS_SIGN_IN = {"/logout", "/account/sign-out-everywhere"}
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -146,7 +178,7 @@ class World:
     target_id: int = 0
 
     def fresh(self) -> dict[str, object]:
-        """A PENDING task with a queued job, a CANCELLED task and an API token, all alice's."""
+        """A PENDING task with a queued job, a CANCELLED task, an API token and a webhook endpoint, all alice's."""
         owner = self.callers["user"]
         pending = owner_api(self).submit("fresh pending task")
         cancelled = owner_api(self).submit("fresh cancelled task")
@@ -154,13 +186,31 @@ class World:
         with self.app.app_context():
             row, _ = accounts.create_token(db.session.get(User, owner.user_id), "fresh")
             token_id = row.id
+            endpoint_id, delivery_id = _webhook(owner.user_id)
         return {
             "pending": pending["id"],
             "cancelled": cancelled["id"],
             "job": task_row(self.app, pending["id"]).job_id,
             "token": token_id,
             "target": self.target_id,
+            "endpoint": endpoint_id,
+            "delivery": delivery_id,
         }
+
+
+def _webhook(user_id: int) -> tuple[int, int]:
+    """A webhook endpoint of the user's (one, kept under the cap of 10), and a failed delivery to it (for Resend)."""
+    endpoint = db.session.scalar(select(WebhookEndpoint).where(WebhookEndpoint.user_id == user_id).limit(1))
+    if endpoint is None:
+        endpoint = WebhookEndpoint(user_id=user_id, url=PUBLIC_URL, events=["batch.expired"], secret=new_secret())
+        db.session.add(endpoint)
+        db.session.flush()
+    body = outbox.payload("batch.expired", {"id": "batch_matrix"})
+    delivery = WebhookDelivery(**outbox._row(endpoint.id, "batch.expired", "batch batch_matrix", body, utcnow()))
+    delivery.status = "failed"
+    db.session.add(delivery)
+    db.session.commit()
+    return endpoint.id, delivery.id
 
 
 def owner_api(world: World):

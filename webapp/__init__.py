@@ -45,6 +45,9 @@ def create_app(overrides: dict | None = None) -> App:
     app.config.update(overrides or {})
     if not 1 <= app.config["PROMPT_MAX_CHARS"] <= PROMPT_CEILING:
         raise ValueError(f"PROMPT_MAX_CHARS must be between 1 and {PROMPT_CEILING:,}")
+    from .services.outbox import parse_delays
+
+    parse_delays(app.config["WEBHOOK_RETRY_DELAYS"])  # a bad value stops the start, not the first retry
     app.config["DEFAULT_MONTHLY_BUDGET_USD"] = cfg.monthly_budget(app.config["DEFAULT_MONTHLY_BUDGET_USD"])
     instance = Path(app.instance_path)
     app.config.setdefault("SQLALCHEMY_DATABASE_URI", cfg.database_uri(app.config["DATABASE_URL"], instance))
@@ -84,7 +87,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.extensions["catalog"] = load_catalog(app.config)
 
     from . import auth, cli, rq_dashboard  # noqa: F401 (auth registers the session user loader)
-    from .views import account, api, errors, metrics, pages, usage
+    from .views import account, api, api_events, api_webhooks, errors, metrics, pages, usage, webhooks  # noqa: F401
     from .views import admin as admin_views
 
     if not app.config.get("TESTING"):
@@ -95,6 +98,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.register_blueprint(pages.bp)
     app.register_blueprint(account.bp)
     app.register_blueprint(usage.bp)
+    app.register_blueprint(webhooks.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(metrics.bp)
     rq_dashboard.init_app(app)

@@ -14,6 +14,7 @@ from .logs import setup_logging
 from .models import User
 from .queues import QUEUE_NAMES
 from .services import accounts
+from .services.outbox import QUEUE as WEBHOOK_QUEUE
 
 users = AppGroup("users", help="Manage users.")
 tokens = AppGroup("tokens", help="Manage API tokens.")
@@ -109,13 +110,20 @@ def create_token(name: str, label: str) -> None:
 @click.argument("queues", nargs=-1)
 @with_appcontext
 def worker(burst: bool, name: str | None, concurrency: int | None, queues: tuple[str, ...]) -> None:
-    """Run a worker on QUEUES (default: high default low, in that order)."""
+    """Run a worker on QUEUES (default: high default low, in that order), or on `webhooks` alone."""
     from jobs.worker import run_worker
 
     _setup_logging()
-    unknown = set(queues) - set(QUEUE_NAMES)
-    if unknown:
-        raise click.BadParameter(f"unknown queue(s) {', '.join(sorted(unknown))}; use {', '.join(QUEUE_NAMES)}")
+    if WEBHOOK_QUEUE in queues:
+        # Deliveries get workers of their own, so a slow receiver never holds an AI task's thread.
+        if len(queues) > 1:
+            raise click.BadParameter(f"run the {WEBHOOK_QUEUE} queue in a worker of its own")
+        concurrency = concurrency or current_app.config["WEBHOOK_CONCURRENCY"]
+    else:
+        unknown = set(queues) - set(QUEUE_NAMES)
+        if unknown:
+            names = ", ".join((*QUEUE_NAMES, WEBHOOK_QUEUE))
+            raise click.BadParameter(f"unknown queue(s) {', '.join(sorted(unknown))}; use {names}")
     run_worker(queues or QUEUE_NAMES, name=name, burst=burst, concurrency=concurrency)
 
 

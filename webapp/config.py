@@ -115,6 +115,29 @@ class Config:
     # CSRF tokens last as long as the session, so a page left open still submits.
     WTF_CSRF_TIME_LIMIT = None
 
+    # Webhooks (docs/webhooks.md). Seconds between tries after a failed one, comma-separated:
+    # one try now and one after each delay, then the delivery is marked failed.
+    WEBHOOK_RETRY_DELAYS = "5,300,1800,7200,18000,36000,36000"
+    # Receivers on loopback (127.0.0.0/8, ::1) are refused unless this is true: development and tests.
+    WEBHOOK_ALLOW_LOOPBACK = False
+    # Seconds one try may take in all (connect, send, the answer's status line and headers).
+    WEBHOOK_TIMEOUT = 10.0
+    WEBHOOK_MAX_ENDPOINTS = 10
+    # An endpoint whose every try failed for this many days is disabled, with a notice.
+    WEBHOOK_DISABLE_AFTER_DAYS = 5
+    # After a secret is rotated, deliveries are signed with the old one too for this many hours.
+    WEBHOOK_SECRET_OVERLAP_HOURS = 24
+    # Deliveries one webhook worker process sends at once (`flask worker webhooks`), each in a thread.
+    WEBHOOK_CONCURRENCY = 16
+    # Event streams (GET /api/v1/tasks/<id>/events) one web process holds at once; each holds a
+    # gunicorn thread, so this stays below the threads (gunicorn.conf.py, WEB_THREADS) to leave
+    # threads for pages. One more is refused with 503 and Retry-After.
+    STREAMS_PER_PROCESS = 200
+    # Seconds between two looks at the rows that open streams follow (one query per web process).
+    STREAM_POLL_INTERVAL = 0.25
+    # Seconds between keep-alive comments on an idle stream.
+    STREAM_KEEPALIVE_SECONDS = 15.0
+
     METRICS_ENABLED = True
     METRICS_TOKEN: str | None = None
     LOG_FORMAT = "text"

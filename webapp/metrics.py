@@ -57,6 +57,11 @@ COUNTERS = {
             (),
         ),
         Spec("atr_circuit_opened", "Times a model's circuit breaker opened.", ("model",)),
+        Spec(
+            "atr_webhook_deliveries",
+            "Webhook tries by outcome: delivered, retried (failed, another try is due) or failed (no tries left).",
+            ("outcome",),
+        ),
     )
 }
 HISTOGRAMS = {

@@ -27,12 +27,22 @@ class AppCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield from self._status_gauges()
+        yield from self._webhook_gauges()
         yield from self._redis_families()
 
     def _status_gauges(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily("atr_tasks", "Tasks in the database by status, now.", labels=["status"])
         for status, count in status_counts(self.connection).items():
             gauge.add_metric([status], count)
+        yield gauge
+
+    def _webhook_gauges(self) -> Iterator[Metric]:
+        from .services.outbox import oldest_pending_age
+
+        gauge = GaugeMetricFamily(
+            "atr_webhook_oldest_undelivered_seconds", "Age of the oldest webhook event not delivered yet (0: none)."
+        )
+        gauge.add_metric([], oldest_pending_age())
         yield gauge
 
     def _redis_families(self) -> Iterator[Metric]:

@@ -1,8 +1,9 @@
 """The scheduler process (`flask --app wsgi scheduler`): the periodic work, until it is stopped.
 
 It runs the sweeper every SWEEP_INTERVAL, and the retention cleanup and the purge of idle
-sign-ins every CLEANUP_INTERVAL, all once at start. A pass that fails (Redis or the database
-away) is logged and the loop goes on: the next pass may find them back.
+sign-ins every CLEANUP_INTERVAL, all once at start; the webhook outbox's sweep and cleanup
+(`services/outbox.py`) ride along. A pass that fails (Redis or the database away) is logged
+and the loop goes on: the next pass may find them back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from flask import current_app
 from jobs.sweeper import sweep
 
 from .extensions import db
+from .services import outbox
 from .services.retention import cleanup
 from .services.sessions import purge_idle
 
@@ -30,8 +32,11 @@ def run_scheduler() -> None:
         (sweep, config["SWEEP_INTERVAL"]),
         (cleanup, config["CLEANUP_INTERVAL"]),
         (purge_idle, config["CLEANUP_INTERVAL"]),
+        # Webhook deliveries whose job Redis lost, and deliveries past RETENTION_DAYS.
+        (outbox.sweep, config["SWEEP_INTERVAL"]),
+        (outbox.cleanup, config["CLEANUP_INTERVAL"]),
     ]
-    due = [0.0] * len(duties)  # monotonic time each duty is next due: both run at start
+    due = [0.0] * len(duties)  # monotonic time each duty is next due: all run at start
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

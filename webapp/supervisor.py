@@ -85,6 +85,9 @@ def run_all(app: Flask) -> int:
         _wait_healthy(f"{local.scheme}://{local.netloc}/health", children["local-model"])
     commands = {}
     commands["worker"] = _flask("worker")
+    # Webhook deliveries: a worker of their own (WEBHOOK_CONCURRENCY threads), so a slow
+    # receiver never holds a thread that could run an AI task.
+    commands["webhooks"] = _flask("worker", "webhooks")
     commands["scheduler"] = _flask("scheduler")
     commands["web"] = [
         sys.executable,
@@ -95,10 +98,7 @@ def run_all(app: Flask) -> int:
         str(ROOT / "gunicorn.conf.py"),
         "--bind",
         f"127.0.0.1:{port}",
-        "--workers",
-        "2",
-        "--threads",
-        "8",
+        # Workers and threads: gunicorn.conf.py (WEB_CONCURRENCY, WEB_THREADS).
         "--access-logfile",
         "-",
         "--graceful-timeout",

@@ -5,7 +5,7 @@ The session cookie carries a random key whose SHA-256 is the row's key_hash; sig
 signed before this revision carry a user id instead and no longer sign anyone in.
 
 Revision ID: 0004
-Revises: 0009
+Revises: 0008
 Create Date: 2026-12-06
 
 """
@@ -14,7 +14,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision = '0004'
-down_revision = '0009'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 

@@ -29,15 +29,21 @@ def cleanup(batch: int = BATCH) -> int:
     if days <= 0:
         return 0
     cutoff = utcnow() - timedelta(days=days)
-    deleted = 0
-    while True:
-        ids = select(Task.id).where(Task.status.in_(FINISHED), Task.finished_at < cutoff).limit(batch)
-        count = db.session.execute(delete(Task).where(Task.id.in_(ids.scalar_subquery()))).rowcount
-        db.session.commit()
-        deleted += count
-        if count < batch:
-            break
+    deleted = delete_in_batches(Task.id, (Task.status.in_(FINISHED), Task.finished_at < cutoff), batch)
     if deleted:
         log.info("retention: deleted %s finished tasks older than %s days", deleted, days)
         stats.forget(redis())
     return deleted
+
+
+def delete_in_batches(id_column, conditions: tuple, batch: int = BATCH) -> int:
+    """Delete the rows of `id_column`'s table that meet `conditions`, `batch` per transaction; return how many."""
+    table = id_column.table
+    deleted = 0
+    while True:
+        ids = select(id_column).where(*conditions).limit(batch)
+        count = db.session.execute(delete(table).where(id_column.in_(ids.scalar_subquery()))).rowcount
+        db.session.commit()
+        deleted += count
+        if count < batch:
+            return deleted

@@ -42,6 +42,8 @@ COMMON = {401: ErrorEnvelope, 422: ErrorEnvelope, 429: ErrorEnvelope, 503: Error
 BUDGET = {402: ErrorEnvelope}
 BODY_ERRORS = {400: ErrorEnvelope, 413: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope}
 PUBLIC_ENDPOINTS = {"api.health", "api.openapi"}
+# Calls whose body must be a JSON object (a plain 415/400/422 before validation).
+JSON_BODIES = {"api.create_task", "api.create_webhook"}
 # Query parameters other APIs read tokens from; ours never does, and says so.
 CREDENTIAL_PARAMETERS = {"access_token", "token", "api_key", "apikey", "api-key", "key", "auth", "authorization"}
 
@@ -79,7 +81,7 @@ def check_request():
             "(create one with `flask --app wsgi tokens create NAME`)."
         )
     g.user = user
-    if request.method == "POST" and request.endpoint == "api.create_task":
+    if request.method == "POST" and request.endpoint in JSON_BODIES:
         _require_json_object()
     return None
 

@@ -96,7 +96,7 @@ def init_app(app: Flask) -> None:
     def app_error(exc: AppError):
         db.session.rollback()
         headers = {}
-        if isinstance(exc, RateLimitedError):
+        if isinstance(exc, RateLimitedError) or getattr(exc, "retry_after", None):
             headers["Retry-After"] = str(exc.retry_after)
         if exc.status == 401 and wants_json():
             headers["WWW-Authenticate"] = 'Bearer realm="api"'  # RFC 6750: say which scheme to use
