@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,14 +23,37 @@ PROVIDER_MESSAGE_MAX = 300
 class ProviderError(Exception):
     """A provider call failed; `transient` says whether another attempt may succeed."""
 
-    def __init__(self, kind: str, message: str, transient: bool, retry_after: float | None = None):
+    def __init__(
+        self, kind: str, message: str, transient: bool, retry_after: float | None = None, status: int | None = None
+    ):
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.transient = transient
         self.retry_after = retry_after
+        # The HTTP status the provider answered with, if it answered.
+        self.status = status
         # The answer's text received before the failure, if any.
         self.partial = ""
+
+    @property
+    def short(self) -> str:
+        """A few words for the task's attempt history: "HTTP 500", "timeout", "connection error"."""
+        if self.status is not None:
+            return f"HTTP {self.status}"
+        return SHORT.get(self.kind, self.kind.replace("_", " "))
+
+
+# The attempt history's words for failures that carry no HTTP status.
+SHORT = {"connection": "connection error", "bad_response": "malformed answer"}
+# How providers say a prompt does not fit the model's context: OpenAI's and vLLM's error code,
+# llama.cpp's error type, and the words of their messages (Ollama, LM Studio, OpenRouter).
+CONTEXT_CODES = {"context_length_exceeded", "exceed_context_size_error", "string_above_max_length"}
+CONTEXT_WORDS = re.compile(
+    r"context[ _-]?(length|window|size)|maximum context|too many tokens|prompt is too long"
+    r"|exceeds? the (available )?context",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -165,7 +189,7 @@ def classify_status(exc: openai.APIStatusError) -> ProviderError:
         retry_after = retry_after_seconds(exc.response.headers)
         wait = f" It asked to wait {retry_after:g} s." if retry_after is not None else ""
         return ProviderError(
-            "rate_limited", f"The provider is rate limiting requests (HTTP 429).{wait}", True, retry_after
+            "rate_limited", f"The provider is rate limiting requests (HTTP 429).{wait}", True, retry_after, status
         )
     if status >= 500 or status in TRANSIENT_STATUSES:
         return ProviderError(
@@ -173,16 +197,41 @@ def classify_status(exc: openai.APIStatusError) -> ProviderError:
             f"The provider failed (HTTP {status}){detail}.",
             True,
             retry_after_seconds(exc.response.headers),
+            status,
         )
     if status in (401, 403):
         return ProviderError(
             "auth",
             f"The provider refused our credentials (HTTP {status}){detail}. An operator must fix the model's API key.",
             False,
+            status=status,
         )
     if status == 404:
-        return ProviderError("not_found", f"The provider does not know this model (HTTP 404){detail}.", False)
-    return ProviderError("invalid_request", f"The provider rejected the request (HTTP {status}){detail}.", False)
+        return ProviderError(
+            "not_found", f"The provider does not know this model (HTTP 404){detail}.", False, status=status
+        )
+    if status in (400, 413, 422) and _about_context(exc):
+        return ProviderError(
+            "context_length",
+            f"The prompt does not fit the model's context window (HTTP {status}){detail}. "
+            "Shorten the prompt or lower max_tokens.",
+            False,
+            status=status,
+        )
+    return ProviderError(
+        "invalid_request", f"The provider rejected the request (HTTP {status}){detail}.", False, status=status
+    )
+
+
+def _about_context(exc: openai.APIStatusError) -> bool:
+    """Return whether a refused request says the prompt does not fit the model's context."""
+    body = exc.body
+    inner = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(inner, dict):
+        if inner.get("code") in CONTEXT_CODES or inner.get("type") in CONTEXT_CODES:
+            return True
+        inner = inner.get("message")
+    return isinstance(inner, str) and CONTEXT_WORDS.search(inner) is not None
 
 
 def retry_after_seconds(headers) -> float | None:
