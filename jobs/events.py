@@ -8,6 +8,7 @@ round trip (webapp/metrics.py), so the job code says what happened once.
 from __future__ import annotations
 
 import logging
+from decimal import Decimal
 
 from rq import get_current_job
 
@@ -63,7 +64,12 @@ def claimed(task: Claim, job_id: str) -> None:
 
 
 def completed(
-    task: Claim, job_id: str, completion_tokens: int, seconds: float, prompt_tokens: int | None = None
+    task: Claim,
+    job_id: str,
+    completion_tokens: int,
+    seconds: float,
+    prompt_tokens: int | None = None,
+    cost: Decimal | None = None,
 ) -> None:
     log.info(
         "task %s job %s: completed (%s tokens in %.1f s)",
@@ -79,6 +85,7 @@ def completed(
         .inc("atr_tokens", completion_tokens or 0, model=task.model, type="completion")
         .inc("atr_tokens", prompt_tokens or 0, model=task.model, type="prompt")
         .observe("atr_task_run_seconds", seconds, model=task.model)
+        .inc("atr_cost_usd", float(cost or 0), model=task.model)
         .send()
     )
 
@@ -207,3 +214,17 @@ def circuit_opened(model: str, seconds: float) -> None:
     """A model's provider kept failing: its breaker opened, pausing it for `seconds`."""
     log.warning("model %s: circuit breaker open for %.0f s after repeated failures", model, seconds)
     Batch().inc("atr_circuit_opened", model=model).send()
+
+
+def fell_back(task_id: int, job_id: str, model: str, to: str, kind: str, detail: str) -> None:
+    """The task's model was unavailable: it moved on to the next model of its chain (not a failure)."""
+    log.info(
+        "task %s job %s: model %s unavailable (%s); moved on to %s",
+        task_id,
+        job_id,
+        model,
+        detail,
+        to,
+        **_ids(task_id, job_id),
+    )
+    Batch().inc("atr_task_fallbacks", model=model, to=to, kind=kind).send()

@@ -21,11 +21,12 @@ from typing import NamedTuple, TypeVar
 
 from flask import current_app
 from redis.exceptions import RedisError
-from sqlalchemy import bindparam, case, func, literal, select, update
+from sqlalchemy import bindparam, case, func, insert, literal, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from webapp.catalog import catalog
 from webapp.extensions import db
-from webapp.models import Task, TaskStatus, UTCDateTime, utcnow
+from webapp.models import Task, TaskAttempt, TaskStatus, UTCDateTime, utcnow
 from webapp.queues import enqueue_task, new_job_id
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,23 @@ class Claim:
     model: str
     priority: int
     params: dict
+    # `model` is the model of its fallback chain the task runs on now; `asked` the one the user
+    # asked for (the head of that chain).
+    asked: str = ""
+
+    @property
+    def chain_head(self) -> str:
+        return self.asked or self.model
+
+
+@dataclass(frozen=True)
+class Note:
+    """A provider call that did not answer, for the task's attempt history (`task_attempts`)."""
+
+    model: str
+    kind: str
+    detail: str
+    fell_back: bool = False
 
 
 def _lease(now: datetime) -> datetime:
@@ -52,7 +70,9 @@ def _lease(now: datetime) -> datetime:
 # plain Core statements on the table, built once and run on a connection of their own: no ORM
 # unit of work, and SQLAlchemy compiles each of them once per process.
 _tasks = Task.__table__
-_PENDING = select(_tasks.c.model, _tasks.c.priority, func.length(_tasks.c.prompt), _tasks.c.params).where(
+# The model a task runs on now: the one asked for until it falls back (jobs/run_task.py).
+_runs_on = func.coalesce(_tasks.c.active_model, _tasks.c.model)
+_PENDING = select(_runs_on, _tasks.c.priority, func.length(_tasks.c.prompt), _tasks.c.params, _tasks.c.model).where(
     _tasks.c.id == bindparam("b_id"), _tasks.c.status == TaskStatus.PENDING.value
 )
 _CLAIM = (
@@ -70,7 +90,13 @@ _CLAIM = (
         job_id=func.coalesce(bindparam("b_job", type_=_tasks.c.job_id.type), _tasks.c.job_id),
     )
     .returning(
-        _tasks.c.attempts, _tasks.c.max_attempts, _tasks.c.prompt, _tasks.c.model, _tasks.c.priority, _tasks.c.params
+        _tasks.c.attempts,
+        _tasks.c.max_attempts,
+        _tasks.c.prompt,
+        _runs_on.label("runs_on"),
+        _tasks.c.priority,
+        _tasks.c.params,
+        _tasks.c.model,
     )
 )
 _FENCE = (
@@ -89,6 +115,11 @@ _COMPLETE = (
         error_kind=None,
         prompt_tokens=bindparam("b_prompt_tokens", type_=_tasks.c.prompt_tokens.type),
         completion_tokens=bindparam("b_completion_tokens", type_=_tasks.c.completion_tokens.type),
+        # The model that answered and its prices now: a later price change rewrites nothing.
+        served_by=bindparam("b_served_by", type_=_tasks.c.served_by.type),
+        usd_per_million_input_tokens=bindparam("b_price_in", type_=_tasks.c.usd_per_million_input_tokens.type),
+        usd_per_million_output_tokens=bindparam("b_price_out", type_=_tasks.c.usd_per_million_output_tokens.type),
+        cost_usd=bindparam("b_cost", type_=_tasks.c.cost_usd.type),
         lease_expires_at=None,
         finished_at=bindparam("b_now", type_=UTCDateTime()),
     )
@@ -110,9 +141,30 @@ def _run(statement, params: dict | None = None):
         return result.first() if result.returns_rows else result.rowcount
 
 
-def _write(statement, params: dict | None = None) -> bool:
-    """Run a fenced UPDATE; return whether it hit the row."""
-    return _run(statement, params) == 1
+def _write(statement, params: dict | None = None, note: Note | None = None, claim: Claim | None = None) -> bool:
+    """Run a fenced UPDATE; return whether it hit the row. A note on the attempt is written with it."""
+    with db.engine.begin() as connection:
+        hit = connection.execute(statement, params or {}).rowcount == 1
+        if hit and note is not None and claim is not None:
+            _note(connection, claim.task_id, claim.attempt, note)
+    return hit
+
+
+_attempts = TaskAttempt.__table__
+
+
+def _note(connection, task_id: int, attempt: int, note: Note) -> None:
+    connection.execute(
+        insert(_attempts).values(
+            task_id=task_id,
+            attempt=attempt,
+            model=note.model,
+            kind=note.kind,
+            detail=note.detail[:200],
+            fell_back=note.fell_back,
+            created_at=utcnow(),
+        )
+    )
 
 
 T = TypeVar("T")
@@ -154,9 +206,15 @@ def claim(task_id: int, job_id: str | None = None) -> Claim | None:
     """
     now = utcnow()
     row = _run(_CLAIM, {"b_id": task_id, "b_lease": _lease(now), "b_now": now, "b_job": job_id or None})
+    return _claim_of(task_id, row)
+
+
+def _claim_of(task_id: int, row) -> Claim | None:
     if row is None:
         return None
-    return Claim(task_id, row.attempts, row.max_attempts, row.prompt, row.model, row.priority, row.params or {})
+    return Claim(
+        task_id, row.attempts, row.max_attempts, row.prompt, row.runs_on, row.priority, row.params or {}, row.model
+    )
 
 
 def claimed_by(task_id: int, job_id: str) -> Claim | None:
@@ -166,45 +224,102 @@ def claimed_by(task_id: int, job_id: str) -> Claim | None:
     tells whether the claim went through.
     """
     row = db.session.execute(
-        select(Task.attempts, Task.max_attempts, Task.prompt, Task.model, Task.priority, Task.params).where(
-            Task.id == task_id, Task.status == TaskStatus.PROCESSING.value, Task.job_id == job_id
-        )
+        select(
+            Task.attempts,
+            Task.max_attempts,
+            Task.prompt,
+            _runs_on.label("runs_on"),
+            Task.priority,
+            Task.params,
+            Task.model,
+        ).where(Task.id == task_id, Task.status == TaskStatus.PROCESSING.value, Task.job_id == job_id)
     ).first()
     db.session.commit()
-    if row is None:
-        return None
-    return Claim(task_id, row.attempts, row.max_attempts, row.prompt, row.model, row.priority, row.params or {})
+    return _claim_of(task_id, row)
 
 
 class Pending(NamedTuple):
     """What a job needs to know about its PENDING task before claiming it."""
 
+    # The model it runs on now, and the one asked for (they differ after a fallback).
     model: str
     priority: int
     prompt_chars: int
     params: dict
+    asked: str = ""
 
 
 def pending_task(task_id: int) -> Pending | None:
     """Return a PENDING task's model, priority and size, or None when it is not PENDING (or gone)."""
     row = _run(_PENDING, {"b_id": task_id})
-    return Pending(row[0], row[1], row[2] or 0, row[3] or {}) if row else None
+    return Pending(row[0], row[1], row[2] or 0, row[3] or {}, row[4]) if row else None
 
 
-def reclaim(claim: Claim) -> Claim | None:
+def reclaim(claim: Claim, note: Note | None = None) -> Claim | None:
     """Start the next attempt of a task this worker holds, in place (after a short wait).
 
     One provider call per attempt stays true: the attempt number moves on and fences the old
-    one. None when the task is no longer ours or has no attempts left.
+    one (whose failure `note` records). None when the task is no longer ours or has no
+    attempts left.
     """
-    row = db.session.execute(
-        _fenced(claim)
-        .where(Task.attempts < Task.max_attempts)
-        .values(attempts=Task.attempts + 1, lease_expires_at=_lease(utcnow()), progress=0, result=None)
-        .returning(Task.attempts)
-    ).first()
-    db.session.commit()
+    with db.engine.begin() as connection:
+        row = connection.execute(
+            _fenced(claim)
+            .where(Task.attempts < Task.max_attempts)
+            .values(attempts=Task.attempts + 1, lease_expires_at=_lease(utcnow()), progress=0, result=None)
+            .returning(Task.attempts)
+        ).first()
+        if row is not None and note is not None:
+            _note(connection, claim.task_id, claim.attempt, note)
     return replace(claim, attempt=row.attempts) if row else None
+
+
+def fall_back(
+    task_id: int, runs_on: str, to: str, note: Note, attempt: int | None = None, job_id: str | None = None
+) -> bool:
+    """Move a task on from `runs_on` to the next model of its chain, `to`; return whether it moved.
+
+    Not a failure: the task goes (or stays) PENDING with no error, the new model gets a fresh
+    share of attempts (TASK_MAX_ATTEMPTS), and `note` says why in the attempt history. Fenced
+    by the attempt when the task is claimed (`attempt`: it gets a new job, enqueued here at
+    the front of its queue), else by its PENDING status and job (the caller's job goes on with
+    it). False when the fence missed (cancelled, deleted, taken back).
+    """
+    share = current_app.config["TASK_MAX_ATTEMPTS"]
+    fence = [_tasks.c.id == task_id, _runs_on == runs_on]
+    values = dict(
+        active_model=to,
+        status=TaskStatus.PENDING.value,
+        error=None,
+        error_kind=None,
+        result=None,
+        progress=0,
+        lease_expires_at=None,
+        run_after=None,
+        max_attempts=_tasks.c.attempts + share,
+    )
+    if attempt is not None:
+        fence += [_tasks.c.attempts == attempt, _tasks.c.status == TaskStatus.PROCESSING.value]
+        next_job = values["job_id"] = new_job_id(task_id)
+    else:
+        fence.append(_tasks.c.status == TaskStatus.PENDING.value)
+        if job_id:
+            fence.append(_tasks.c.job_id == job_id)
+    with db.engine.begin() as connection:
+        row = connection.execute(
+            update(_tasks).where(*fence).values(**values).returning(_tasks.c.attempts, _tasks.c.priority)
+        ).first()
+        if row is None:
+            return False
+        _note(connection, task_id, row.attempts, replace(note, model=runs_on, fell_back=True))
+    if attempt is not None:
+        from webapp.services.tasks import job_timeout
+
+        try:
+            enqueue_task(task_id, row.priority, job_timeout(to), job_id=next_job, at_front=True)
+        except RedisError:
+            log.warning("task %s moved on to %s but not enqueued (Redis unavailable); the sweeper will", task_id, to)
+    return True
 
 
 def defer(task_id: int, job_id: str | None, priority: int, model: str, delay: float, timeout: int) -> str | None:
@@ -250,7 +365,13 @@ def wake(task_id: int, timeout: int) -> bool:
 
 
 def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_tokens: int | None) -> bool:
-    """Record the answer: the one final write of a successful attempt."""
+    """Record the answer: the one final write of a successful attempt.
+
+    The answer is priced at the catalog's prices of the model that answered (`claim.model`).
+    """
+    spec = catalog().get(claim.model)
+    price_in = spec.usd_per_million_input_tokens if spec else None
+    price_out = spec.usd_per_million_output_tokens if spec else None
     return _write(
         _COMPLETE,
         {
@@ -259,12 +380,16 @@ def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_toke
             "b_text": text,
             "b_prompt_tokens": prompt_tokens,
             "b_completion_tokens": completion_tokens,
+            "b_served_by": claim.model,
+            "b_price_in": price_in,
+            "b_price_out": price_out,
+            "b_cost": spec.cost(prompt_tokens, completion_tokens) if spec else None,
             "b_now": utcnow(),
         },
     )
 
 
-def fail(claim: Claim, kind: str, message: str, text: str | None = None) -> bool:
+def fail(claim: Claim, kind: str, message: str, text: str | None = None, note: Note | None = None) -> bool:
     """Mark the task FAILED with a message a user can act on."""
     return _write(
         _fenced(claim).values(
@@ -274,11 +399,21 @@ def fail(claim: Claim, kind: str, message: str, text: str | None = None) -> bool
             result=text or None,
             lease_expires_at=None,
             finished_at=utcnow(),
-        )
+        ),
+        note=note,
+        claim=claim,
     )
 
 
-def hand_back(claim: Claim, kind: str, message: str, delay: float, job_id: str | None, refund: bool = False) -> bool:
+def hand_back(
+    claim: Claim,
+    kind: str,
+    message: str,
+    delay: float,
+    job_id: str | None,
+    refund: bool = False,
+    note: Note | None = None,
+) -> bool:
     """Put the task back to PENDING, due after `delay` seconds, with the job that will run it.
 
     `refund` gives the attempt back (max_attempts + 1) when the attempt ended through no fault
@@ -296,7 +431,7 @@ def hand_back(claim: Claim, kind: str, message: str, delay: float, job_id: str |
     )
     if refund:
         values["max_attempts"] = _tasks.c.max_attempts + 1
-    return _write(_fenced(claim).values(**values))
+    return _write(_fenced(claim).values(**values), note=note, claim=claim)
 
 
 def release(task_id: int, job_id: str, kind: str, message: str, refund: bool) -> str | None:

@@ -3,9 +3,13 @@
 Every way an attempt can end leads to one fenced write: COMPLETED, FAILED, or back to PENDING
 with the job that will run it next. What else can happen, and what it does:
 
-- the model's circuit breaker is open: the task is deferred until it half-opens, unclaimed
-  (no attempt spent, no provider call); so is a task over the model's requests or tokens per
-  minute, until the limit allows it;
+- the model is unavailable (its circuit breaker is open, its retryable errors used up its share
+  of attempts, it asks to wait longer than the task can, or the prompt does not fit it) and
+  its fallback chain has a next model: the task moves on to that model (`progress.fall_back`),
+  which is not a failure; the attempt history (`task_attempts`) keeps each call's model;
+- the model's circuit breaker is open and no model is left to fall back to: the task is
+  deferred until it half-opens, unclaimed (no attempt spent, no provider call); so is a task
+  over the model's requests or tokens per minute, until the limit allows it;
 - the model's calls in flight are at its `concurrency`: the task waits in the model's line, its
   job ended, until a freed slot is handed to it (`wake`);
 - 429 with a short Retry-After: the worker waits it out and starts the next attempt in place;
@@ -36,7 +40,7 @@ from webapp.services.tasks import job_timeout
 from . import events, progress
 from .breaker import Breaker
 from .limits import Hold, estimate_tokens, line_place, model_limits
-from .progress import Claim, database_unavailable, with_database
+from .progress import Claim, Note, database_unavailable, with_database
 from .provider import ProviderError, Usage, stream_answer
 from .shutdown import drain
 from .tracker import Entry, tracker
@@ -56,6 +60,10 @@ class HandedBack(Exception):
     """The attempt gave its task back (the worker is shutting down)."""
 
 
+# What `_admit` returns when the task moved on to its next model: admit it again, on that one.
+MOVED_ON = object()
+
+
 def backoff_delay(attempt: int, retry_after: float | None) -> float:
     """Return seconds before the next attempt: exponential with full jitter, at least Retry-After."""
     config = current_app.config
@@ -71,16 +79,20 @@ def run_task(task_id: int) -> str:
     job = get_current_job()
     job_id = job.id if job else None
     label = job_id or "-"
-    pending = with_database(lambda: progress.pending_task(task_id))
-    if pending is None:
-        events.skipped(task_id, label)
-        return "skipped"
-    spec = catalog().get(pending.model)
-    hold = None
-    if spec is not None:
+    while True:  # once per model of the fallback chain at most: each pass moves along it
+        pending = with_database(lambda: progress.pending_task(task_id))
+        if pending is None:
+            events.skipped(task_id, label)
+            return "skipped"
+        spec = catalog().get(pending.model)
+        hold = None
+        if spec is None:
+            break
         hold = _admit(task_id, job_id, label, spec, pending)
         if hold is None:
             return "waiting"
+        if hold is not MOVED_ON:
+            break
     try:
         return _run_claimed(task_id, job_id, label, spec, hold)
     finally:
@@ -100,6 +112,9 @@ def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pendin
         if breaker.allowed:
             return hold
         wake(spec, model_limits().release(hold))
+        if nxt := next_model(pending.asked or pending.model, spec.name):
+            note = Note(spec.name, "circuit_open", "circuit open")
+            return MOVED_ON if _move_on(task_id, spec.name, nxt, note, label, job_id=job_id) else None
         wait, reason = breaker.wait, "circuit open"
     elif verdict.limit == "concurrency":
         events.in_line(task_id, label, spec.name)
@@ -111,6 +126,67 @@ def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pendin
     new_job = with_database(lambda: progress.defer(task_id, job_id, pending.priority, spec.name, delay, timeout))
     events.paused(task_id, label, spec.name, delay, new_job, reason)
     return None
+
+
+def next_model(asked: str, runs_on: str) -> str | None:
+    """Return the model after `runs_on` in the fallback chain of `asked`, or None at its end."""
+    names = [spec.name for spec in catalog().chain(asked)]
+    if runs_on not in names:
+        return None  # the catalog changed under the task: it stays where it is
+    index = names.index(runs_on) + 1
+    return names[index] if index < len(names) else None
+
+
+def unavailable(task: Claim, err: ProviderError, breaker: Breaker) -> bool:
+    """Return whether this failure makes the task's model unavailable to it (so it falls back).
+
+    The prompt does not fit the model; or a retryable error that used up the model's share of
+    attempts, opened its breaker, or came with a Retry-After longer than the task waits for a
+    model (RETRY_MAX_SECONDS, or RETRY_INLINE_MAX_SECONDS when that is longer). A permanent
+    error (a 400 not about the context, a refused key) is the request's fault: no other model
+    would do better.
+    """
+    if err.kind == "context_length":
+        return True
+    if not err.transient:
+        return False
+    config = current_app.config
+    longest = max(config["RETRY_MAX_SECONDS"], config["RETRY_INLINE_MAX_SECONDS"])
+    if err.retry_after is not None and err.retry_after > longest:
+        return True
+    return task.attempt >= task.max_attempts or breaker.remaining() > 0
+
+
+def _why(task: Claim, err: ProviderError) -> str:
+    """The attempt history's words for a failure that moved the task on."""
+    if err.kind == "context_length":
+        return "prompt too long"
+    if err.retry_after is not None and err.retry_after > current_app.config["RETRY_MAX_SECONDS"]:
+        return f"{err.short}, asked to wait {err.retry_after:g} s"
+    return err.short
+
+
+def _move_on(task_id: int, runs_on: str, to: str, note: Note, label: str, **fence) -> bool:
+    """Move the task on to the next model of its chain (not a failure); return whether it moved."""
+    moved = with_database(lambda: progress.fall_back(task_id, runs_on, to, note, **fence))
+    if moved:
+        events.fell_back(task_id, label, runs_on, to, note.kind, note.detail)
+    return moved
+
+
+def _fall_back(task: Claim, err: ProviderError, breaker: Breaker, job_id: str) -> str | None:
+    """Move the task on when this failure makes its model unavailable and a next model exists.
+
+    Returns how the attempt ended ("fell_back", or "stopped" when the task was no longer
+    ours), or None: no fallback, handle the failure as usual.
+    """
+    nxt = next_model(task.chain_head, task.model)
+    if nxt is None or not unavailable(task, err, breaker):
+        return None
+    note = Note(task.model, err.kind, _why(task, err))
+    if _move_on(task.task_id, task.model, nxt, note, job_id, attempt=task.attempt):
+        return "fell_back"
+    return _gone(task, job_id)
 
 
 def wake(spec: ModelSpec, woken: tuple[int, ...]) -> None:
@@ -181,6 +257,7 @@ def _crashed(task: Claim, job_id: str, exc: BaseException) -> str:
             task,
             "internal",
             "The worker hit an internal error. Retry the task; if it keeps failing, tell an operator.",
+            note=Note(task.model, "internal", "internal error"),
         )
     kind = type(exc).__name__
     raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: internal error ({kind})") from None
@@ -211,9 +288,12 @@ def _attempt(keeper: Entry, spec: ModelSpec | None, job_id: str) -> str:
             task = keeper.claim
             if err.kind in BREAKER_KINDS:
                 _count_failure(breaker)
+            if moved := _fall_back(task, err, breaker, job_id):
+                return moved
             if not _wait_inline(task, err, breaker, keeper, job_id, spec):
                 return _failed_attempt(task, job_id, err, err.partial)
-            task = with_database(lambda t=task: progress.reclaim(t))
+            note = Note(task.model, err.kind, err.short)
+            task = with_database(lambda t=task, n=note: progress.reclaim(t, n))
             if task is None:
                 return _gone(keeper.claim, job_id)
             keeper.claim = task
@@ -224,12 +304,12 @@ def _attempt(keeper: Entry, spec: ModelSpec | None, job_id: str) -> str:
     if not text.strip():
         _count_failure(breaker)
         err = ProviderError("empty_answer", "The model returned an empty answer.", transient=True)
-        return _failed_attempt(task, job_id, err, text)
+        return _fall_back(task, err, breaker, job_id) or _failed_attempt(task, job_id, err, text)
     breaker.success()
     tokens = usage.completion_tokens or pieces
     if not _finish(task, text, usage.prompt_tokens, tokens):
         return _gone(task, job_id)
-    events.completed(task, job_id, tokens, seconds, usage.prompt_tokens)
+    events.completed(task, job_id, tokens, seconds, usage.prompt_tokens, spec.cost(usage.prompt_tokens, tokens))
     return "completed"
 
 
@@ -352,13 +432,15 @@ def _failed_attempt(task: Claim, job_id: str, err: ProviderError, text: str) -> 
         except RedisError:
             next_job = None  # the sweeper enqueues it once it is due
         message = f"{err.message} Attempt {task.attempt} of {task.max_attempts} failed; retrying in {delay:.0f} s."
-        with_database(lambda: progress.hand_back(task, err.kind, message, delay, next_job))
+        note = Note(task.model, err.kind, err.short)
+        with_database(lambda: progress.hand_back(task, err.kind, message, delay, next_job, note=note))
         events.retrying(task, job_id, err, delay, next_job)
     else:
         if err.transient:
             message = f"{err.message} Gave up after {task.attempt} attempts; retry the task later."
         else:
             message = err.message
-        with_database(lambda: progress.fail(task, err.kind, message, text))
+        note = Note(task.model, err.kind, err.short)
+        with_database(lambda: progress.fail(task, err.kind, message, text, note=note))
         events.failed(task, job_id, err.kind)
     raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: {err.kind}") from None

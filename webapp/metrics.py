@@ -58,6 +58,11 @@ COUNTERS = {
         ),
         Spec("atr_circuit_opened", "Times a model's circuit breaker opened.", ("model",)),
         Spec(
+            "atr_task_fallbacks",
+            "Tasks moved on from a model to the next of its fallback chain, by why the model was unavailable.",
+            ("model", "to", "kind"),
+        ),
+        Spec(
             "atr_webhook_deliveries",
             "Webhook tries by outcome: delivered, retried (failed, another try is due) or failed (no tries left).",
             ("outcome",),
@@ -115,7 +120,9 @@ class Batch:
             with connection.pipeline(transaction=False) as pipe:
                 for name, labels, amount in self.counters:
                     key = _field(name, _ordered(name, labels, COUNTERS))
-                    if float(amount).is_integer():
+                    # Whole numbers only for whole-number counters: a float counter (dollars)
+                    # may hold a fraction already, which HINCRBY would refuse.
+                    if isinstance(amount, int):
                         pipe.hincrby(COUNTERS_KEY, key, int(amount))
                     else:
                         pipe.hincrbyfloat(COUNTERS_KEY, key, amount)

@@ -406,6 +406,8 @@ def retry(user: User, task_id: int) -> Task:
             run_after=None,
             # Attempts keep counting (they fence stale workers); the budget moves up instead.
             max_attempts=Task.attempts + current_app.config["TASK_MAX_ATTEMPTS"],
+            # It starts again from the model asked for, the head of its fallback chain.
+            active_model=None,
             job_id=new_job_id(task.id),
         )
     )
