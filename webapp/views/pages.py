@@ -31,7 +31,7 @@ from ..catalog import catalog
 from ..errors import ConflictError, RateLimitedError, ValidationError
 from ..models import TaskStatus
 from ..rendering import render_markdown
-from ..services import accounts
+from ..services import accounts, attempts
 from ..services import tasks as service
 
 bp = Blueprint("pages", __name__)
@@ -81,6 +81,12 @@ def usd_filter(amount) -> str:
 def usd_plain_filter(amount) -> str:
     """An amount as a person would type it back into a form: 25, 12.5."""
     return f"{Decimal(amount).normalize():f}"
+
+
+@bp.app_template_filter("fallback_story")
+def fallback_story_filter(task) -> str | None:
+    """How the task moved along its fallback chain ("local → gpt-4o-mini after 3 × HTTP 500"), or None."""
+    return attempts.story(task)
 
 
 @bp.app_template_filter("duration")
