@@ -19,6 +19,11 @@ and the requests rotate over --users users with a token each, so no user comes n
 SUBMIT_LIMIT is raised from 60/minute to 1000/minute for the run (a pass sends tens of
 submissions per user). Every answer must be a 202: any other is counted and reported.
 
+With --priced the product's tasks go to a model with prices (no worker runs, so it is never
+called) and every user has a budget large enough that nothing is refused: each submission
+then pays the whole budget check, its reservation's conditional upsert included. Without it
+they go to the free `local` model, whose reservation is nothing (no upsert).
+
 Passes are bounded (--seconds) and alternated, baseline and product, starting with the other
 side each round. Between passes the queues are emptied and both tables truncated (no worker
 runs), so every pass starts from the same empty state.
@@ -29,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import psycopg2
 from redis import Redis
@@ -41,6 +48,14 @@ from bench.common import DATABASE_URL, REDIS_URL, gunicorn, require_wrk, reset_d
 GUNICORN = {"workers": 2, "threads": 8}
 PRODUCT_ENV = {"RATELIMIT_ENABLED": "true", "SUBMIT_LIMIT": "1000/minute"}
 BODY = json.dumps({"prompt": "What is the capital of France?"})
+# --priced: a model with prices, never called (no worker runs), and a budget nobody reaches.
+PRICED_MODEL = """
+[models.priced]
+base_url = "http://127.0.0.1:9/v1"
+upstream = "priced"
+usd_per_million_input_tokens = 2.5
+usd_per_million_output_tokens = 10
+"""
 QUEUES = ("high", "default", "low", "baseline")
 SIDES = {"baseline": "baseline: insert + enqueue", "product": "POST /api/v1/tasks"}
 
@@ -53,7 +68,7 @@ def purge() -> None:
         Queue(name, connection=redis).empty()
     conn = psycopg2.connect(DATABASE_URL)
     with conn, conn.cursor() as cur:
-        cur.execute("TRUNCATE task_attempts, tasks, idempotency_keys, baseline_rows")
+        cur.execute("TRUNCATE task_attempts, tasks, idempotency_keys, usage_months, usage_days, baseline_rows")
     conn.close()
 
 
@@ -69,8 +84,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="passes per side and connection count")
     parser.add_argument("--users", type=int, default=256)
     parser.add_argument("--connections", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--priced", action="store_true", help="submit to a priced model under a budget")
     args = parser.parse_args()
     require_wrk()
+    product_env = dict(PRODUCT_ENV)
+    if args.priced:
+        models = Path(tempfile.mkdtemp(prefix="atr-bench-")) / "models.toml"
+        models.write_text(PRICED_MODEL)
+        product_env.update(MODELS_FILE=str(models), DEFAULT_MODEL="priced", DEFAULT_MONTHLY_BUDGET_USD="1000000")
 
     reset_database()
     create_tables(DATABASE_URL)
@@ -78,7 +99,7 @@ def main() -> None:
     runs: dict[tuple[str, int], list[dict]] = {}
     with (
         gunicorn("bench.baseline_app:app", **GUNICORN) as baseline_port,
-        gunicorn("wsgi:app", **GUNICORN, **PRODUCT_ENV) as product_port,
+        gunicorn("wsgi:app", **GUNICORN, **product_env) as product_port,
     ):
         sides = {
             "baseline": dict(port=baseline_port, paths=["/submit"], tokens=[]),
@@ -112,6 +133,7 @@ def main() -> None:
         f"submissions under load: wrk, POST back to back, {args.rounds} passes of {args.seconds} s per side"
         f" and connection count, alternated; gunicorn {GUNICORN['workers']} workers x {GUNICORN['threads']} threads;"
         f" product: {args.users} users, SUBMIT_LIMIT=1000/minute, MAX_TASKS_IN_FLIGHT=100"
+        + (", a priced model under a budget (--priced)" if args.priced else "")
     )
     print(
         f"{'':40} {'req/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'max ms':>8} {'non-2xx':>8}"
