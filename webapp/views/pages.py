@@ -28,7 +28,7 @@ from markupsafe import Markup
 from .. import money, ratelimits
 from ..auth import sign_in, sign_out
 from ..catalog import catalog
-from ..errors import ConflictError, RateLimitedError, ValidationError
+from ..errors import BudgetExceededError, ConflictError, RateLimitedError, ValidationError
 from ..models import TaskStatus
 from ..rendering import render_markdown
 from ..services import accounts, attempts
@@ -226,7 +226,9 @@ def _form_float(name: str, errors: dict) -> float | None:
     return value
 
 
-def _render_index(values: dict | None = None, errors: dict | None = None, limited: str | None = None):
+def _render_index(
+    values: dict | None = None, errors: dict | None = None, limited: str | None = None, over_budget: str | None = None
+):
     cat = catalog()
     return render_template(
         "index.html",
@@ -235,6 +237,7 @@ def _render_index(values: dict | None = None, errors: dict | None = None, limite
         values=values or {},
         errors=errors or {},
         limited=limited,
+        over_budget=over_budget,
     )
 
 
@@ -277,6 +280,9 @@ def submit():
         response.status_code = 429
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
+    except BudgetExceededError as exc:
+        # The API's words, beside the button; everything typed kept.
+        return _render_index(values, over_budget=exc.message), 402
     return redirect(url_for("pages.task", task_id=task.id), code=303)
 
 
