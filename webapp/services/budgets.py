@@ -21,7 +21,7 @@ from datetime import date, datetime
 from decimal import Decimal
 
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -29,7 +29,7 @@ from .. import money
 from ..catalog import ModelSpec, catalog
 from ..errors import BudgetExceededError, ValidationError
 from ..extensions import db
-from ..models import TaskStatus, UsageDay, UsageMonth, User, utcnow
+from ..models import UNFINISHED, Task, TaskStatus, UsageDay, UsageMonth, User, utcnow
 
 # Tokens a chat template adds around each message (role markers), counted into the estimate.
 MESSAGE_OVERHEAD_TOKENS = 8
@@ -96,6 +96,38 @@ def reserve(connection, user: User, amount: Decimal, now: datetime | None = None
     if connection.execute(statement).first() is None:
         raise refusal(connection, user, month, budget, amount)
     return month
+
+
+def hold(connection, user: User, task) -> None:
+    """Reserve a task being accepted (flushed, uncommitted) in its transaction, and note it on the task.
+
+    Raises BudgetExceededError when it does not fit: the caller rolls back, nothing is written.
+    """
+    amount = reservation(task.model, task.prompt, task.params or {})
+    month = reserve(connection, user, amount)
+    task.reserved_usd, task.reserved_month = (amount, month) if month else (None, None)
+
+
+def hold_again(connection, rows: Iterable[Mapping]) -> None:
+    """Reserve finished tasks that are being run again (a retry is accepted work too).
+
+    `rows` are the reopened tasks' rows; their new reservation replaces the old on the row (the
+    old one was settled when they ended). Raises BudgetExceededError when one does not fit.
+    """
+    for row in rows:
+        user = db.session.get(User, row["user_id"])
+        amount = reservation(row["model"], row["prompt"], row["params"] or {})
+        month = reserve(connection, user, amount)
+        connection.execute(
+            update(Task)
+            .where(Task.id == row["id"])
+            .values(reserved_usd=amount if month else None, reserved_month=month)
+        )
+
+
+def release_unfinished(connection, rows: Iterable[Mapping]) -> None:
+    """Release what deleted tasks held: only the unfinished ones still hold anything."""
+    settle(connection, [row for row in rows if row["status"] in UNFINISHED])
 
 
 def refusal(connection, user: User, month: date, budget: Decimal, amount: Decimal) -> BudgetExceededError:
