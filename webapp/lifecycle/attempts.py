@@ -32,7 +32,7 @@ from sqlalchemy import bindparam, case, func, literal, select, update
 from ..extensions import db
 from ..models import Task, TaskStatus, UTCDateTime, utcnow
 from ..queues import new_job_id
-from .hooks import _finished
+from .hooks import _changed
 from .queueing import enqueue
 
 # What a user reads when a worker went away (said once, whoever noticed).
@@ -140,12 +140,10 @@ def _first(statement, params: dict | None = None):
 def _finishing(statement, params: dict | None = None) -> bool:
     """Run a fenced UPDATE … RETURNING every column that may finish the task; return whether it hit.
 
-    The finished row goes to `hooks._finished` in the same transaction.
+    The finished row goes to `hooks._finished` in the same transaction (`hooks._changed`).
     """
     with db.engine.begin() as connection:
-        rows = connection.execute(statement, params or {}).mappings().all()
-        _finished(connection, rows)
-    return bool(rows)
+        return bool(_changed(connection, statement, params))
 
 
 def _claim_of(task_id: int, row) -> Claim:
@@ -292,41 +290,30 @@ def release(task_id: int, job_id: str, kind: str, reason: str, refund: bool) -> 
         )
     else:
         values = _back_or_failed(_tasks.c.attempts >= _tasks.c.max_attempts, reason, now, next_job)
+    mine = (_tasks.c.id == task_id, _tasks.c.job_id == job_id)
     with db.engine.begin() as connection:
-        row = (
-            connection.execute(
-                update(_tasks)
-                .where(
-                    _tasks.c.id == task_id,
-                    _tasks.c.status == TaskStatus.PROCESSING.value,
-                    _tasks.c.job_id == job_id,
-                )
-                .values(error_kind=kind, **values)
-                .returning(*_tasks.c)
-            )
-            .mappings()
-            .first()
+        rows = _changed(
+            connection,
+            update(_tasks)
+            .where(*mine, _tasks.c.status == TaskStatus.PROCESSING.value)
+            .values(error_kind=kind, **values)
+            .returning(*_tasks.c),
         )
-        if row is not None:
-            _finished(connection, [row])
-        else:
+        if not rows:
             # Maybe the job never got as far as its claim: then the task waits for it, PENDING.
-            row = (
+            rows = (
                 connection.execute(
                     update(_tasks)
-                    .where(
-                        _tasks.c.id == task_id,
-                        _tasks.c.status == TaskStatus.PENDING.value,
-                        _tasks.c.job_id == job_id,
-                    )
+                    .where(*mine, _tasks.c.status == TaskStatus.PENDING.value)
                     .values(job_id=next_job)
                     .returning(_tasks.c.status, _tasks.c.priority, _tasks.c.model)
                 )
                 .mappings()
-                .first()
+                .all()
             )
-    if row is None:
+    if not rows:
         return None
+    row = rows[0]
     if row["status"] == TaskStatus.PENDING.value:
         enqueue(task_id, row["priority"], row["model"], job_id=next_job, why="handed back")
     return row["status"]
@@ -341,25 +328,16 @@ def take_back(task_id: int, attempt: int, now: datetime) -> str | None:
     """
     at = literal(now, UTCDateTime())
     values = _back_or_failed(_tasks.c.attempts >= _tasks.c.max_attempts, WORKER_LOST, at, None)
+    fence = (
+        _tasks.c.id == task_id,
+        _tasks.c.attempts == attempt,
+        _tasks.c.status == TaskStatus.PROCESSING.value,
+        _tasks.c.lease_expires_at < now,
+    )
+    statement = update(_tasks).where(*fence).values(error_kind="worker_lost", **values).returning(*_tasks.c)
     with db.engine.begin() as connection:
-        row = (
-            connection.execute(
-                update(_tasks)
-                .where(
-                    _tasks.c.id == task_id,
-                    _tasks.c.attempts == attempt,
-                    _tasks.c.status == TaskStatus.PROCESSING.value,
-                    _tasks.c.lease_expires_at < now,
-                )
-                .values(error_kind="worker_lost", **values)
-                .returning(*_tasks.c)
-            )
-            .mappings()
-            .first()
-        )
-        if row is not None:
-            _finished(connection, [row])
-    return None if row is None else row["status"]
+        rows = _changed(connection, statement)
+    return rows[0]["status"] if rows else None
 
 
 def defer(task_id: int, job_id: str | None, priority: int, model: str, delay: float) -> str | None:

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, RowMapping, delete, update
 from ..extensions import db
 from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
 from ..queues import new_job_id
-from .hooks import _accepted, _finished, _removed, _reopened
+from .hooks import _accepted, _changed, _removed, _reopened
 from .queueing import drop_job, enqueue
 
 _tasks = Task.__table__
@@ -70,23 +70,19 @@ def cancel_rows(connection: Connection, where: Sequence, by: str) -> list[RowMap
     The caller commits, then drops their jobs (`drop_jobs`). For a change that cancels tasks
     with something else (a batch), in one transaction.
     """
-    rows = (
-        connection.execute(
-            update(_tasks)
-            .where(_tasks.c.status.in_(UNFINISHED), *where)
-            .values(
-                status=TaskStatus.CANCELLED.value,
-                error=CANCELLED_BY[by],
-                error_kind="cancelled",
-                lease_expires_at=None,
-                finished_at=utcnow(),
-            )
-            .returning(*_tasks.c)
+    statement = (
+        update(_tasks)
+        .where(_tasks.c.status.in_(UNFINISHED), *where)
+        .values(
+            status=TaskStatus.CANCELLED.value,
+            error=CANCELLED_BY[by],
+            error_kind="cancelled",
+            lease_expires_at=None,
+            finished_at=utcnow(),
         )
-        .mappings()
-        .all()
+        .returning(*_tasks.c)
     )
-    _finished(connection, rows)
+    rows = _changed(connection, statement)
     return rows
 
 
@@ -109,29 +105,26 @@ def reopen(where: Sequence) -> int:
     """Run the FAILED or CANCELLED tasks matching `where` again, each with a fresh set of attempts
     and a new job; return how many."""
     connection = db.session.connection()
-    rows = (
-        connection.execute(
-            update(_tasks)
-            .where(_tasks.c.status.in_(REOPENABLE), *where)
-            .values(
-                status=TaskStatus.PENDING.value,
-                progress=0,
-                result=None,
-                error=None,
-                error_kind=None,
-                prompt_tokens=None,
-                completion_tokens=None,
-                started_at=None,
-                finished_at=None,
-                run_after=None,
-                # Attempts keep counting (they fence stale workers); the budget moves up instead.
-                max_attempts=_tasks.c.attempts + current_app.config["TASK_MAX_ATTEMPTS"],
-            )
-            .returning(*_tasks.c)
+    statement = (
+        update(_tasks)
+        .where(_tasks.c.status.in_(REOPENABLE), *where)
+        .values(
+            status=TaskStatus.PENDING.value,
+            progress=0,
+            result=None,
+            error=None,
+            error_kind=None,
+            prompt_tokens=None,
+            completion_tokens=None,
+            started_at=None,
+            finished_at=None,
+            run_after=None,
+            # Attempts keep counting (they fence stale workers); the budget moves up instead.
+            max_attempts=_tasks.c.attempts + current_app.config["TASK_MAX_ATTEMPTS"],
         )
-        .mappings()
-        .all()
+        .returning(*_tasks.c)
     )
+    rows = _changed(connection, statement)
     jobs = {row["id"]: new_job_id(row["id"]) for row in rows}
     if jobs:
         # In the same transaction: each reopened row names its new job from the start.

@@ -14,6 +14,9 @@ change or not at all. Add to them here (never at a call site):
 - `_removed(connection, rows)`: rows (every column) just deleted by a user or an admin, before
   they finished or after.
 
+`_changed(connection, statement)` runs a status change that RETURNING every column and hands
+the rows that ended to `_finished`: the transitions that may end a task go through it.
+
 Work that must wait for the commit (enqueueing jobs) registers itself on the connection's
 commit event, as `webapp.outbox.enqueue_at_commit` does.
 """
@@ -22,10 +25,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, RowMapping
 
 from .. import outbox
 from ..models import FINISHED, Task, User
+
+
+def _changed(connection: Connection, statement, params: dict | None = None) -> list[RowMapping]:
+    """Run a status change (… RETURNING every column) in the caller's transaction; return its rows.
+
+    The rows that reached a final status go to `_finished`, in the same transaction.
+    """
+    rows = connection.execute(statement, params or {}).mappings().all()
+    _finished(connection, rows)
+    return rows
 
 
 def _accepted(connection: Connection, user: User, task: Task) -> None:
