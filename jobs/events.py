@@ -12,10 +12,10 @@ from decimal import Decimal
 
 from rq import get_current_job
 
+from webapp.lifecycle.attempts import Claim
 from webapp.metrics import Batch
 from webapp.models import utcnow
 
-from .progress import Claim
 from .provider import ProviderError
 
 log = logging.getLogger("jobs.events")

@@ -24,7 +24,12 @@ class ProviderError(Exception):
     """A provider call failed; `transient` says whether another attempt may succeed."""
 
     def __init__(
-        self, kind: str, message: str, transient: bool, retry_after: float | None = None, status: int | None = None
+        self,
+        kind: str,
+        message: str,
+        transient: bool,
+        retry_after: float | None = None,
+        http_status: int | None = None,
     ):
         super().__init__(message)
         self.kind = kind
@@ -32,15 +37,15 @@ class ProviderError(Exception):
         self.transient = transient
         self.retry_after = retry_after
         # The HTTP status the provider answered with, if it answered.
-        self.status = status
+        self.http_status = http_status
         # The answer's text received before the failure, if any.
         self.partial = ""
 
     @property
     def short(self) -> str:
         """A few words for the task's attempt history: "HTTP 500", "timeout", "connection error"."""
-        if self.status is not None:
-            return f"HTTP {self.status}"
+        if self.http_status is not None:
+            return f"HTTP {self.http_status}"
         return SHORT.get(self.kind, self.kind.replace("_", " "))
 
 
@@ -204,11 +209,11 @@ def classify_status(exc: openai.APIStatusError) -> ProviderError:
             "auth",
             f"The provider refused our credentials (HTTP {status}){detail}. An operator must fix the model's API key.",
             False,
-            status=status,
+            http_status=status,
         )
     if status == 404:
         return ProviderError(
-            "not_found", f"The provider does not know this model (HTTP 404){detail}.", False, status=status
+            "not_found", f"The provider does not know this model (HTTP 404){detail}.", False, http_status=status
         )
     if status in (400, 413, 422) and _about_context(exc):
         return ProviderError(
@@ -216,10 +221,10 @@ def classify_status(exc: openai.APIStatusError) -> ProviderError:
             f"The prompt does not fit the model's context window (HTTP {status}){detail}. "
             "Shorten the prompt or lower max_tokens.",
             False,
-            status=status,
+            http_status=status,
         )
     return ProviderError(
-        "invalid_request", f"The provider rejected the request (HTTP {status}){detail}.", False, status=status
+        "invalid_request", f"The provider rejected the request (HTTP {status}){detail}.", False, http_status=status
     )
 
 

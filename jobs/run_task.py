@@ -5,7 +5,7 @@ with the job that will run it next. What else can happen, and what it does:
 
 - the model is unavailable (its circuit breaker is open, its retryable errors used up its share
   of attempts, it asks to wait longer than the task can, or the prompt does not fit it) and
-  its fallback chain has a next model: the task moves on to that model (`progress.fall_back`),
+  its fallback chain has a next model: the task moves on to that model (`attempts.fall_back`),
   which is not a failure; the attempt history (`task_attempts`) keeps each call's model;
 - the model's circuit breaker is open and no model is left to fall back to: the task is
   deferred until it half-opens, unclaimed (no attempt spent, no provider call); so is a task
@@ -17,7 +17,9 @@ with the job that will run it next. What else can happen, and what it does:
 - the worker is asked to stop: the attempt finishes within the grace period or hands back
   (attempt refunded);
 - the database goes away: the stream goes on, progress writes are skipped, and the final
-  write waits for the database (jobs.progress.with_database); nothing fails for it.
+  write waits for the database (jobs.outage.with_database); nothing fails for it.
+
+The status changes themselves are `webapp/lifecycle/attempts.py`.
 """
 
 from __future__ import annotations
@@ -27,20 +29,19 @@ import random
 import time
 
 from flask import current_app
-from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 from sqlalchemy.exc import DBAPIError
 
 from webapp.catalog import ModelSpec, catalog
 from webapp.extensions import db
-from webapp.queues import enqueue_task
-from webapp.services.tasks import job_timeout
+from webapp.lifecycle import attempts, enqueue
+from webapp.lifecycle.attempts import SHUT_DOWN, Claim, Note
 
-from . import events, progress
+from . import events
 from .breaker import Breaker
 from .limits import Hold, estimate_tokens, line_place, model_limits
-from .progress import Claim, Note, database_unavailable, with_database
+from .outage import database_unavailable, with_database
 from .provider import ProviderError, Usage, stream_answer
 from .shutdown import drain
 from .tracker import Entry, tracker
@@ -80,7 +81,7 @@ def run_task(task_id: int) -> str:
     job_id = job.id if job else None
     label = job_id or "-"
     while True:  # once per model of the fallback chain at most: each pass moves along it
-        pending = with_database(lambda: progress.pending_task(task_id))
+        pending = with_database(lambda: attempts.pending_task(task_id))
         if pending is None:
             events.skipped(task_id, label)
             return "skipped"
@@ -100,7 +101,7 @@ def run_task(task_id: int) -> str:
             wake(spec, model_limits().release(hold, hold.used))
 
 
-def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pending: progress.Pending) -> Hold | None:
+def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pending: attempts.Pending) -> Hold | None:
     """Take a place under the model's limits and past its breaker, or leave the task waiting (None)."""
     budget = pending.params.get("max_tokens") or spec.default_max_tokens
     tokens = estimate_tokens(pending.prompt_chars, pending.params.get("system"), budget)
@@ -122,8 +123,7 @@ def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pendin
     else:
         wait, reason = verdict.wait, f"{verdict.limit} limit"
     delay = wait + random.uniform(0, 1)  # spread the waiting tasks out
-    timeout = job_timeout(spec.name)
-    new_job = with_database(lambda: progress.defer(task_id, job_id, pending.priority, spec.name, delay, timeout))
+    new_job = with_database(lambda: attempts.defer(task_id, job_id, pending.priority, spec.name, delay))
     events.paused(task_id, label, spec.name, delay, new_job, reason)
     return None
 
@@ -168,7 +168,7 @@ def _why(task: Claim, err: ProviderError) -> str:
 
 def _move_on(task_id: int, runs_on: str, to: str, note: Note, label: str, **fence) -> bool:
     """Move the task on to the next model of its chain (not a failure); return whether it moved."""
-    moved = with_database(lambda: progress.fall_back(task_id, runs_on, to, note, **fence))
+    moved = with_database(lambda: attempts.fall_back(task_id, runs_on, to, note, **fence))
     if moved:
         events.fell_back(task_id, label, runs_on, to, note.kind, note.detail)
     return moved
@@ -192,10 +192,9 @@ def _fall_back(task: Claim, err: ProviderError, breaker: Breaker, job_id: str) -
 def wake(spec: ModelSpec, woken: tuple[int, ...]) -> None:
     """Enqueue the tasks that freed slots went to; a task no longer waiting passes its slot on."""
     left = list(woken)
-    timeout = job_timeout(spec.name) if left else 0
     while left:
         task_id = left.pop(0)
-        if not with_database(lambda task_id=task_id: progress.wake(task_id, timeout)):
+        if not with_database(lambda task_id=task_id: attempts.wake(task_id)):
             left.extend(model_limits().unreserve(spec.name, spec.concurrency or 0, task_id))
 
 
@@ -239,12 +238,12 @@ def _claim(task_id: int, job_id: str | None) -> Claim | None:
     def attempt() -> Claim | None:
         nonlocal lost_reply
         try:
-            found = progress.claim(task_id, job_id)
+            found = attempts.claim(task_id, job_id)
         except DBAPIError:
             lost_reply = True
             raise
         if found is None and lost_reply and job_id:
-            return progress.claimed_by(task_id, job_id)
+            return attempts.claimed_by(task_id, job_id)
         return found
 
     return with_database(attempt)
@@ -253,7 +252,7 @@ def _claim(task_id: int, job_id: str | None) -> Claim | None:
 def _crashed(task: Claim, job_id: str, exc: BaseException) -> str:
     events.crashed(task, job_id)
     with contextlib.suppress(DBAPIError):
-        progress.fail(
+        attempts.fail(
             task,
             "internal",
             "The worker hit an internal error. Retry the task; if it keeps failing, tell an operator.",
@@ -267,7 +266,7 @@ def _attempt(keeper: Entry, spec: ModelSpec | None, job_id: str) -> str:
     task = keeper.claim
     if spec is None:
         with_database(
-            lambda: progress.fail(
+            lambda: attempts.fail(
                 task,
                 "unknown_model",
                 f"The model {task.model!r} is no longer offered. Submit the prompt again with another model.",
@@ -293,7 +292,7 @@ def _attempt(keeper: Entry, spec: ModelSpec | None, job_id: str) -> str:
             if not _wait_inline(task, err, breaker, keeper, job_id, spec):
                 return _failed_attempt(task, job_id, err, err.partial)
             note = Note(task.model, err.kind, err.short)
-            task = with_database(lambda t=task, n=note: progress.reclaim(t, n))
+            task = with_database(lambda t=task, n=note: attempts.reclaim(t, n))
             if task is None:
                 return _gone(keeper.claim, job_id)
             keeper.claim = task
@@ -357,21 +356,14 @@ def _finish(task: Claim, text: str, prompt_tokens: int | None, tokens: int) -> b
     def attempt() -> bool:
         nonlocal lost_reply
         try:
-            if progress.complete(task, text, prompt_tokens, tokens):
+            if attempts.complete(task, text, prompt_tokens, tokens):
                 return True
         except DBAPIError:
             lost_reply = True
             raise
-        return lost_reply and _completed_by(task)
+        return lost_reply and attempts.completed_by(task)
 
     return with_database(attempt)
-
-
-def _completed_by(task: Claim) -> bool:
-    from webapp.models import Task, TaskStatus
-
-    row = db.session.get(Task, task.task_id, populate_existing=True)
-    return row is not None and row.status == TaskStatus.COMPLETED.value and row.attempts == task.attempt
 
 
 def _wait_inline(
@@ -404,12 +396,9 @@ def _wait_inline(
 
 def _hand_back_for_shutdown(task: Claim, job_id: str) -> None:
     """Give the task back at once, attempt refunded, with a job ready for another worker."""
-    try:
-        next_job = enqueue_task(task.task_id, task.priority, job_timeout(task.model))
-    except RedisError:
-        next_job = None  # the sweeper enqueues it
-    message = "The worker running this task shut down; it will run again."
-    if with_database(lambda: progress.hand_back(task, "shutdown", message, 0, next_job, refund=True)):
+    next_job = enqueue(task.task_id, task.priority, task.model, why="handed back")
+    message = SHUT_DOWN + attempts.RUNS_AGAIN
+    if with_database(lambda: attempts.hand_back(task, "shutdown", message, 0, next_job, refund=True)):
         events.handed_back(task, job_id, "shutdown", next_job)
     raise HandedBack()
 
@@ -427,13 +416,10 @@ def _failed_attempt(task: Claim, job_id: str, err: ProviderError, text: str) -> 
         delay = max(delay, Breaker(task.model).remaining())
         # The job for the next attempt is created first; if the fenced write then misses (the
         # task was cancelled meanwhile) that job finds nothing to claim and ends quietly.
-        try:
-            next_job = enqueue_task(task.task_id, task.priority, job_timeout(task.model), delay)
-        except RedisError:
-            next_job = None  # the sweeper enqueues it once it is due
+        next_job = enqueue(task.task_id, task.priority, task.model, delay, why="handed back")
         message = f"{err.message} Attempt {task.attempt} of {task.max_attempts} failed; retrying in {delay:.0f} s."
         note = Note(task.model, err.kind, err.short)
-        with_database(lambda: progress.hand_back(task, err.kind, message, delay, next_job, note=note))
+        with_database(lambda: attempts.hand_back(task, err.kind, message, delay, next_job, note=note))
         events.retrying(task, job_id, err, delay, next_job)
     else:
         if err.transient:
@@ -441,6 +427,6 @@ def _failed_attempt(task: Claim, job_id: str, err: ProviderError, text: str) -> 
         else:
             message = err.message
         note = Note(task.model, err.kind, err.short)
-        with_database(lambda: progress.fail(task, err.kind, message, text, note=note))
+        with_database(lambda: attempts.fail(task, err.kind, message, text, note=note))
         events.failed(task, job_id, err.kind)
     raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: {err.kind}") from None

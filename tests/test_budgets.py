@@ -11,10 +11,11 @@ from decimal import Decimal
 import pytest
 
 from tests.helpers import api_client, login, make_user
+from webapp import budgets
 from webapp.errors import BudgetExceededError
 from webapp.extensions import db
 from webapp.models import User, utcnow
-from webapp.services import budgets, usage
+from webapp.services import usage
 
 DEC = Decimal
 

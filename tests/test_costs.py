@@ -179,7 +179,7 @@ def test_the_default_budget_applies_to_users_without_one(app, fake_provider):
         make_priced_app(app, fake_provider.url, DEFAULT_MONTHLY_BUDGET_USD="lots")
     priced = make_priced_app(app, fake_provider.url, DEFAULT_MONTHLY_BUDGET_USD="20")
     assert priced.config["DEFAULT_MONTHLY_BUDGET_USD"] == Decimal(20)
-    from webapp.services.budgets import budget_of as budget
+    from webapp.budgets import budget_of as budget
 
     with app.app_context():
         assert budget(User(budget_is_default=True)) is None  # the shared app has no default

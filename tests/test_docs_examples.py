@@ -15,9 +15,9 @@ from werkzeug.serving import make_server
 
 from tests.helpers import ROOT, free_port, wait_for
 from tests.receiver import deliver_all
+from webapp import outbox
 from webapp.extensions import db
 from webapp.models import Task, utcnow
-from webapp.services import outbox
 
 _tasks = Task.__table__
 

@@ -12,9 +12,9 @@ from .errors import AppError
 from .extensions import db
 from .logs import setup_logging
 from .models import User
+from .outbox import QUEUE as WEBHOOK_QUEUE
 from .queues import QUEUE_NAMES
 from .services import accounts
-from .services.outbox import QUEUE as WEBHOOK_QUEUE
 
 users = AppGroup("users", help="Manage users.")
 tokens = AppGroup("tokens", help="Manage API tokens.")
@@ -74,7 +74,7 @@ def set_password(name: str, password_stdin: bool) -> None:
 @click.argument("usd")
 def set_budget(name: str, usd: str) -> None:
     """Set user NAME's monthly budget: dollars (25, 12.50), none for no limit, or default."""
-    from .services import budgets
+    from . import budgets
 
     user = _existing_user(name)
     try:

@@ -201,7 +201,7 @@ class Task(db.Model):
     usd_per_million_output_tokens: Mapped[Decimal | None] = mapped_column(Price)
     cost_usd: Mapped[Decimal | None] = mapped_column(Amount)
     # The most the task can cost, held against its owner's budget in the usage row of
-    # `reserved_month` while the task is unfinished (webapp/services/budgets.py).
+    # `reserved_month` while the task is unfinished (webapp/budgets.py).
     reserved_usd: Mapped[Decimal | None] = mapped_column(Amount)
     reserved_month: Mapped[date | None] = mapped_column(Date)
     # The model of its fallback chain the task runs on now; NULL while it is still on `model`.

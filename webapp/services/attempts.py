@@ -1,6 +1,6 @@
 """A task's attempt history: which model each provider call went to, and why a task moved on.
 
-The worker writes a row per call that did not answer (jobs/progress.py, `task_attempts`); the
+The worker writes a row per call that did not answer (webapp/lifecycle/attempts.py, `task_attempts`); the
 call that answered is the task's `served_by`. The task page tells the story from these rows:
 "local → gpt-4o-mini after 3 × HTTP 500".
 """

@@ -11,18 +11,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from flask import current_app
-from redis.exceptions import RedisError
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
-from sqlalchemy import bindparam, delete, select, text, update
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 
-from .. import metrics
+from .. import lifecycle, metrics
 from ..catalog import ModelSpec, catalog
 from ..errors import ConflictError, RateLimitedError, TaskNotFoundError, ValidationError
 from ..extensions import db
 from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
-from ..queues import enqueue_task, new_job_id, redis
 from ..ratelimits import rate_limits
 
 log = logging.getLogger(__name__)
@@ -119,20 +115,6 @@ def validate_submission(
     return Submission(prompt=prompt, model=name, priority=priority, params=params)
 
 
-def job_timeout(model: str) -> int:
-    """Return RQ's hard limit for one attempt: the model's budget plus room to write the result."""
-    spec = catalog().get(model)
-    return int((spec.timeout if spec else 300) + 60)
-
-
-def _enqueue(task: Task) -> None:
-    """Enqueue a committed task under its recorded job id; if Redis is down the sweeper does it later."""
-    try:
-        enqueue_task(task.id, task.priority, job_timeout(task.model), job_id=task.job_id)
-    except RedisError as exc:
-        log.warning("task %s committed but not enqueued (%s); the sweeper will enqueue it", task.id, exc)
-
-
 def submit(user: User, submission: Submission, idempotency_key: str | None = None) -> tuple[Task, bool]:
     """Record a task as PENDING, commit, then enqueue it. Return (task, created).
 
@@ -145,31 +127,21 @@ def submit(user: User, submission: Submission, idempotency_key: str | None = Non
             return existing, False  # a replay is free: it runs nothing
     check_limits(user)
 
-    task = Task(
-        user_id=user.id,
-        prompt=submission.prompt,
-        model=submission.model,
-        priority=submission.priority,
-        params=submission.params,
-        status=TaskStatus.PENDING.value,
-        max_attempts=current_app.config["TASK_MAX_ATTEMPTS"],
-    )
-    db.session.add(task)
-    db.session.flush()  # assigns the id, in the same transaction
-    # The job id is recorded before the commit, so the row names its job from the start.
-    task.job_id = new_job_id(task.id)
-    if idempotency_key:
-        db.session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, request_hash=fingerprint, task_id=task.id))
     try:
-        db.session.commit()
+        task = lifecycle.submit(
+            user,
+            submission.prompt,
+            submission.model,
+            submission.priority,
+            submission.params,
+            idempotency=(idempotency_key, fingerprint) if idempotency_key else None,
+        )
     except IntegrityError:
         # Another request with the same key won the race: answer as it did.
-        db.session.rollback()
         existing = _replay(user, idempotency_key, fingerprint) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
-    _enqueue(task)
     metrics.submitted(task.model)
     return task, True
 
@@ -351,79 +323,26 @@ def _exists(query) -> bool:
 def cancel(user: User, task_id: int) -> Task:
     """Cancel a PENDING or PROCESSING task; a running worker notices at its next write."""
     task = get_task(user, task_id)
-    now = utcnow()
-    result = db.session.execute(
-        update(Task)
-        .where(Task.id == task.id, Task.status.in_(UNFINISHED))
-        .values(
-            status=TaskStatus.CANCELLED.value,
-            error="Cancelled by the user.",
-            error_kind="cancelled",
-            lease_expires_at=None,
-            finished_at=now,
-        )
-    )
-    db.session.commit()
+    cancelled = lifecycle.cancel([Task.id == task.id], by="user")
     db.session.refresh(task)
-    if result.rowcount == 0:
+    if not cancelled:
         raise ConflictError(f"Task {task.id} is already {task.status} and cannot be cancelled.")
-    _drop_job(task.job_id)
     return task
-
-
-def _drop_job(job_id: str | None) -> None:
-    """Take a cancelled task's job out of its queue, if Redis still has it (best effort)."""
-    if not job_id:
-        return
-    try:
-        job = Job.fetch(job_id, connection=redis())
-        if job.get_status(refresh=False) in ("queued", "scheduled", "deferred"):
-            job.cancel()
-    except (NoSuchJobError, RedisError):
-        pass
-    except Exception:  # rq raises InvalidJobOperation and friends; none of it matters here.
-        log.debug("could not drop job %s", job_id, exc_info=True)
 
 
 def retry(user: User, task_id: int) -> Task:
     """Run a FAILED or CANCELLED task again, with a fresh set of attempts (a submission for the limits)."""
     task = get_task(user, task_id)
-    if task.status in (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value):
+    if task.status in lifecycle.REOPENABLE:
         check_limits(user)
-    result = db.session.execute(
-        update(Task)
-        .where(Task.id == task.id, Task.status.in_((TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)))
-        .values(
-            status=TaskStatus.PENDING.value,
-            progress=0,
-            result=None,
-            error=None,
-            error_kind=None,
-            prompt_tokens=None,
-            completion_tokens=None,
-            started_at=None,
-            finished_at=None,
-            run_after=None,
-            # Attempts keep counting (they fence stale workers); the budget moves up instead.
-            max_attempts=Task.attempts + current_app.config["TASK_MAX_ATTEMPTS"],
-            # It starts again from the model asked for, the head of its fallback chain.
-            active_model=None,
-            job_id=new_job_id(task.id),
-        )
-    )
-    db.session.commit()
+    reopened = lifecycle.reopen([Task.id == task.id])
     db.session.refresh(task)
-    if result.rowcount == 0:
+    if not reopened:
         raise ConflictError(f"Task {task.id} is {task.status}; only FAILED or CANCELLED tasks can be retried.")
-    _enqueue(task)
     return task
 
 
 def delete_task(user: User, task_id: int) -> None:
     """Delete a task, cancelling it first if it is still running."""
     task = get_task(user, task_id)
-    job_id, unfinished = task.job_id, task.status in UNFINISHED
-    db.session.execute(delete(Task).where(Task.id == task.id))
-    db.session.commit()
-    if unfinished:
-        _drop_job(job_id)
+    lifecycle.delete_tasks([Task.id == task.id])

@@ -1,6 +1,6 @@
 """What a month cost: a user's spend, held reservations and budget, by model and by day.
 
-Read from the ledgers that budgets are enforced from (webapp/services/budgets.py): the month's
+Read from the ledgers that budgets are enforced from (webapp/budgets.py): the month's
 row gives spent and reserved, its days give the breakdown, and both are written in the same
 transactions, so the figures always add up. They outlive the tasks (retention deletes those).
 """
@@ -14,10 +14,10 @@ from decimal import Decimal
 from sqlalchemy import func, select
 
 from .. import money
+from ..budgets import budget_of
 from ..errors import ValidationError
 from ..extensions import db
 from ..models import UsageDay, UsageMonth, User, utcnow
-from .budgets import budget_of
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from .. import money
+from .. import budgets, money
 from ..auth import login_manager, sign_in
 from ..catalog import catalog
 from ..errors import AppError, ForbiddenError, ValidationError
 from ..extensions import db
 from ..models import TaskStatus, User, utcnow
-from ..services import accounts, budgets, stats, usage
+from ..services import accounts, stats, usage
 from ..services import admin as service
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")

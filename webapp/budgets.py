@@ -25,11 +25,11 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from .. import money
-from ..catalog import ModelSpec, catalog
-from ..errors import BudgetExceededError, ValidationError
-from ..extensions import db
-from ..models import UNFINISHED, Task, TaskStatus, UsageDay, UsageMonth, User, utcnow
+from . import money
+from .catalog import ModelSpec, catalog
+from .errors import BudgetExceededError, ValidationError
+from .extensions import db
+from .models import UNFINISHED, Task, TaskStatus, UsageDay, UsageMonth, User, utcnow
 
 # Tokens a chat template adds around each message (role markers), counted into the estimate.
 MESSAGE_OVERHEAD_TOKENS = 8
