@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 
 from sqlalchemy import Connection, RowMapping
 
-from .. import outbox
+from .. import budgets, outbox
 from ..models import FINISHED, Task, User
 
 
@@ -42,19 +42,30 @@ def _changed(connection: Connection, statement, params: dict | None = None) -> l
 
 
 def _accepted(connection: Connection, user: User, task: Task) -> None:
-    """A task was just inserted PENDING (not committed yet)."""
+    """A task was just inserted PENDING (not committed yet): hold the most it can cost.
+
+    Raises BudgetExceededError (402) when that does not fit in its owner's month.
+    """
+    budgets.hold(connection, user, task)
 
 
 def _finished(connection: Connection, rows: Iterable[Mapping]) -> None:
-    """Tasks just reached a final status: tell their owners' webhook endpoints (outbox rows)."""
+    """Tasks just reached a final status: settle what they held (the cost of an answer replaces
+    the reservation), and tell their owners' webhook endpoints (outbox rows)."""
     ended = [dict(row) for row in rows if row["status"] in FINISHED]
     if ended:
+        budgets.settle(connection, ended)
         outbox.record_task_events(connection, ended)
 
 
 def _reopened(connection: Connection, rows: Iterable[Mapping]) -> None:
-    """Finished tasks were just made PENDING again (nothing to do yet)."""
+    """Finished tasks were just made PENDING again: a retry is accepted work, held like a submission.
+
+    Raises BudgetExceededError when one does not fit (the caller rolls back: none is reopened).
+    """
+    budgets.hold_again(connection, rows)
 
 
 def _removed(connection: Connection, rows: Iterable[Mapping]) -> None:
-    """Tasks were just deleted (nothing to do yet)."""
+    """Tasks were just deleted: release what the unfinished ones held."""
+    budgets.release_unfinished(connection, rows)
