@@ -117,7 +117,7 @@ def validate_submission(
 
     if spec is not None and not errors:
         # Refused only when no model of the chain fits: a fallback with a larger context may answer.
-        problems = [context_problem(each, prompt, params) for each in cat.chain(name)]
+        problems = [context_problem(each, prompt, params) for each in cat.chain(name) or [spec]]
         if all(problems):
             errors["prompt"] = problems[0]
     if errors:
