@@ -33,6 +33,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 from sqlalchemy.exc import DBAPIError
 
+from webapp.budgets import fits
 from webapp.catalog import ModelSpec, catalog
 from webapp.extensions import db
 from webapp.lifecycle import attempts, enqueue
@@ -102,7 +103,15 @@ def run_task(task_id: int) -> str:
 
 
 def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pending: attempts.Pending) -> Hold | None:
-    """Take a place under the model's limits and past its breaker, or leave the task waiting (None)."""
+    """Take a place under the model's limits and past its breaker, or leave the task waiting (None).
+
+    MOVED_ON when the model is unavailable (the prompt does not fit it, its breaker is open)
+    and the task moved on to the next model of its chain.
+    """
+    nxt = next_model(pending.asked or pending.model, spec.name)
+    if nxt and spec.context_window and not _fits(task_id, spec, pending.params):
+        note = Note(spec.name, "context_length", "prompt too long")
+        return MOVED_ON if _move_on(task_id, spec.name, nxt, note, label, job_id=job_id) else None
     budget = pending.params.get("max_tokens") or spec.default_max_tokens
     tokens = estimate_tokens(pending.prompt_chars, pending.params.get("system"), budget)
     place = line_place(pending.priority, task_id)
@@ -113,7 +122,7 @@ def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pendin
         if breaker.allowed:
             return hold
         wake(spec, model_limits().release(hold))
-        if nxt := next_model(pending.asked or pending.model, spec.name):
+        if nxt:
             note = Note(spec.name, "circuit_open", "circuit open")
             return MOVED_ON if _move_on(task_id, spec.name, nxt, note, label, job_id=job_id) else None
         wait, reason = breaker.wait, "circuit open"
@@ -126,6 +135,14 @@ def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pendin
     new_job = with_database(lambda: attempts.defer(task_id, job_id, pending.priority, spec.name, delay))
     events.paused(task_id, label, spec.name, delay, new_job, reason)
     return None
+
+
+def _fits(task_id: int, spec: ModelSpec, params: dict) -> bool:
+    """Return whether the prompt and its longest answer fit the model's context window (as at submit)."""
+    prompt = with_database(lambda: attempts.prompt_of(task_id))
+    if prompt is None:
+        return True  # gone: the claim finds nothing
+    return fits(spec, prompt, params)
 
 
 def next_model(asked: str, runs_on: str) -> str | None:
@@ -306,7 +323,7 @@ def _attempt(keeper: Entry, spec: ModelSpec | None, job_id: str) -> str:
         return _fall_back(task, err, breaker, job_id) or _failed_attempt(task, job_id, err, text)
     breaker.success()
     tokens = usage.completion_tokens or pieces
-    if not _finish(task, text, usage.prompt_tokens, tokens):
+    if not _finish(task, text, usage.prompt_tokens, tokens, usage.finish_reason):
         return _gone(task, job_id)
     events.completed(task, job_id, tokens, seconds, usage.prompt_tokens, spec.cost(usage.prompt_tokens, tokens))
     return "completed"
@@ -349,14 +366,14 @@ def _stream(keeper: Entry, spec: ModelSpec, job_id: str) -> tuple[str, Usage, in
     return "".join(pieces), usage, len(pieces), time.monotonic() - started
 
 
-def _finish(task: Claim, text: str, prompt_tokens: int | None, tokens: int) -> bool:
+def _finish(task: Claim, text: str, prompt_tokens: int | None, tokens: int, finish_reason: str | None) -> bool:
     """Write the answer, waiting for the database; a lost commit reply is recognised."""
     lost_reply = False
 
     def attempt() -> bool:
         nonlocal lost_reply
         try:
-            if attempts.complete(task, text, prompt_tokens, tokens):
+            if attempts.complete(task, text, prompt_tokens, tokens, finish_reason):
                 return True
         except DBAPIError:
             lost_reply = True

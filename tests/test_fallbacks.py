@@ -45,6 +45,8 @@ def chain_models(first_url: str, second_url: str) -> dict[str, dict]:
         },
         # Three deep: head → first → second.
         "head": {**base, "base_url": first_url, "upstream": "head", "fallbacks": ["first"]},
+        # 80 tokens of context: a prompt of 300 characters (108 tokens by the estimate) does not fit.
+        "narrow": {**base, "base_url": first_url, "upstream": "narrow", "context_window": 80, "fallbacks": ["second"]},
         # A provider nobody answers for (connection refused).
         "dead": {**base, "base_url": f"http://127.0.0.1:{free_port()}/v1", "upstream": "dead", "fallbacks": ["second"]},
     }
@@ -204,3 +206,19 @@ def test_a_chain_of_three_tells_each_hop(chain_app, fake_provider, second_provid
     assert page_story(chain_app, task["id"]) == (
         "Fell back: head → first after circuit open; then first → second after 3 × HTTP 502."
     )
+
+
+def test_a_prompt_that_does_not_fit_the_context_window_moves_on_before_any_call(
+    chain_app, fake_provider, second_provider
+):
+    long_prompt = "x" * 300
+    task, api = run(chain_app, model="narrow", prompt=long_prompt)
+    assert task["status"] == "COMPLETED" and task["model"] == "narrow" and task["served_by"] == "second"
+    assert fake_provider.calls_for(long_prompt) == [] and len(second_provider.calls_for(long_prompt)) == 1
+    assert task["attempts"] == 1  # none spent on the model it could not fit
+    assert page_story(chain_app, task["id"]) == "Fell back: narrow → second after prompt too long."
+    # A prompt that fits stays on it.
+    submitted = api.submit("short", model="narrow")
+    work(chain_app)
+    short = api.task(submitted["id"])
+    assert short["served_by"] == "narrow" and len(fake_provider.calls_for("short")) == 1

@@ -63,6 +63,13 @@ def answer_tokens(spec: ModelSpec, params: dict) -> int:
     return min(params.get("max_tokens") or spec.default_max_tokens, spec.max_tokens)
 
 
+def fits(spec: ModelSpec, prompt: str, params: dict) -> bool:
+    """Return whether the prompt and its longest answer fit the model's context window (none: unknown, fits)."""
+    if spec.context_window is None:
+        return True
+    return estimate_prompt_tokens(prompt, params.get("system")) + answer_tokens(spec, params) <= spec.context_window
+
+
 def reservation(model: str, prompt: str, params: dict) -> Decimal:
     """Return the most a task can cost: the dearest model of its chain, at its estimated tokens."""
     prompt_tokens = estimate_prompt_tokens(prompt, params.get("system"))

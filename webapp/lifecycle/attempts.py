@@ -140,6 +140,7 @@ _COMPLETE = (
         error_kind=None,
         prompt_tokens=bindparam("b_prompt_tokens", type_=_tasks.c.prompt_tokens.type),
         completion_tokens=bindparam("b_completion_tokens", type_=_tasks.c.completion_tokens.type),
+        finish_reason=bindparam("b_finish_reason", type_=_tasks.c.finish_reason.type),
         # The model that answered and its prices now: a later price change rewrites nothing.
         served_by=bindparam("b_served_by", type_=_tasks.c.served_by.type),
         usd_per_million_input_tokens=bindparam("b_price_in", type_=_tasks.c.usd_per_million_input_tokens.type),
@@ -204,6 +205,12 @@ def pending_task(task_id: int) -> Pending | None:
     """Return a PENDING task's model, priority and size, or None when it is not PENDING (or gone)."""
     row = _first(_PENDING, {"b_id": task_id})
     return Pending(row[0], row[1], row[2] or 0, row[3] or {}, row[4]) if row else None
+
+
+def prompt_of(task_id: int) -> str | None:
+    """Return a task's prompt (to check it against a model's context window before claiming it)."""
+    row = _first(select(_tasks.c.prompt).where(_tasks.c.id == task_id))
+    return row.prompt if row else None
 
 
 def claim(task_id: int, job_id: str | None = None) -> Claim | None:
@@ -293,8 +300,14 @@ def fall_back(
     return True
 
 
-def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_tokens: int | None) -> bool:
-    """Record the answer: the one final write of a successful attempt.
+def complete(
+    claim: Claim,
+    text: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    finish_reason: str | None = None,
+) -> bool:
+    """Record the answer and why it ended: the one final write of a successful attempt.
 
     The answer is priced at the catalog's prices of the model that answered (`claim.model`).
     """
@@ -307,6 +320,7 @@ def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_toke
             "b_text": text,
             "b_prompt_tokens": prompt_tokens,
             "b_completion_tokens": completion_tokens,
+            "b_finish_reason": finish_reason,
             "b_served_by": claim.model,
             "b_price_in": spec.usd_per_million_input_tokens if spec else None,
             "b_price_out": spec.usd_per_million_output_tokens if spec else None,
