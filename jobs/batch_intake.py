@@ -29,7 +29,7 @@ from webapp.catalog import catalog
 from webapp.extensions import db
 from webapp.lifecycle import batches as lifecycle
 from webapp.queues import enqueue_tasks
-from webapp.services.tasks import job_timeout
+from webapp.services.tasks import context_problem, job_timeout
 from webapp.text import text_problem
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def task_of(body: dict, default_model: str | None) -> dict:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise LineError("invalid_messages", "messages must be a non-empty list of chat messages.")
-    chat, prompt, chars = [], None, 0
+    chat, prompt, chars, texts = [], None, 0, []
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise LineError("invalid_messages", "Each message needs a role: system, developer, user or assistant.")
@@ -141,6 +141,7 @@ def task_of(body: dict, default_model: str | None) -> dict:
         if problem := text_problem(text):
             raise LineError("invalid_messages", f"A message {problem}.")
         chars += len(text)
+        texts.append(text)
         chat.append({"role": message["role"], "content": message["content"]})
         if message["role"] == "user":
             prompt = text
@@ -160,6 +161,10 @@ def task_of(body: dict, default_model: str | None) -> dict:
         if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
             raise LineError("invalid_parameter", "temperature must be a number from 0 to 2.")
         params["temperature"] = temperature
+    # Refused only when no model of the chain fits, as a submission's prompt is.
+    problems = [context_problem(each, "\n".join(texts), params) for each in cat.chain(model) or [spec]]
+    if all(problems):
+        raise LineError("context_length_exceeded", problems[0])
     extra = {name: body[name] for name in PASSED_ON if name in body}
     if extra:
         params["extra"] = extra

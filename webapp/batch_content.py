@@ -41,6 +41,7 @@ _COLUMNS = (
     _tasks.c.status,
     _tasks.c.prompt_tokens,
     _tasks.c.completion_tokens,
+    _tasks.c.finish_reason,
     _tasks.c.finished_at,
 )
 
@@ -79,6 +80,9 @@ def _line_errors(batch_id: str) -> Iterator:
 
 
 def finish_reason(row) -> str:
+    """Return why the answer ended: as the provider said, or else judged from its length."""
+    if row.finish_reason:
+        return row.finish_reason
     spec = catalog().get(row.model)
     cap = (row.params or {}).get("max_tokens") or (spec.default_max_tokens if spec else None)
     return "length" if cap and (row.completion_tokens or 0) >= cap else "stop"

@@ -4,7 +4,7 @@ Files keep their content in file_chunks (bytea, at most 4 MiB a row). A batch's 
 error files are made from its tasks when read. Tasks gain batch_id, custom_id and batch_line.
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-07
 
 """
@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql
 
 # revision identifiers, used by Alembic.
 revision = '0007'
-down_revision = '0004'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
