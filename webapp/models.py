@@ -73,6 +73,9 @@ class TaskStatus(enum.StrEnum):
 
 UNFINISHED = (TaskStatus.PENDING.value, TaskStatus.PROCESSING.value)
 FINISHED = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
+# Failures another attempt of the same request cannot mend (the provider refused the request,
+# it does not fit the model's context, the model is unknown): the request itself must change.
+NEEDS_EDIT_KINDS = frozenset({"invalid_request", "context_length", "unknown_model", "not_found"})
 
 
 class User(UserMixin, db.Model):
@@ -174,6 +177,15 @@ class Task(db.Model):
         Index("ix_tasks_finished_at", "finished_at"),
         # Stats (counts by status, charts) and the retention cleanup: finished tasks by status and time.
         Index("ix_tasks_status_finished_at", "status", "finished_at"),
+        # A batch's counts by status, and its output and error files in line order.
+        Index(
+            "ix_tasks_batch_id_status_id",
+            "batch_id",
+            "status",
+            "id",
+            postgresql_where=text("batch_id IS NOT NULL"),
+            sqlite_where=text("batch_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -194,6 +206,8 @@ class Task(db.Model):
     max_attempts: Mapped[int] = mapped_column(Integer)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Why the answer ended, as the provider said: "stop", or "length" when max_tokens cut it.
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
     # The catalog model that answered (differs from `model` after a fallback), the prices it
     # charged then (dollars per million tokens), and the answer's cost at those prices.
     served_by: Mapped[str | None] = mapped_column(String(100))
@@ -215,12 +229,27 @@ class Task(db.Model):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # A batch line's task: its batch, the line's custom_id and its line number in the input file.
+    # The line's whole chat, when it has more than one message, is params["messages"].
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+    batch_line: Mapped[int | None] = mapped_column(Integer)
 
     user: Mapped[User] = relationship()
 
     @property
     def is_finished(self) -> bool:
         return self.status in FINISHED
+
+    @property
+    def needs_edit(self) -> bool:
+        """Whether the task failed in a way only a changed prompt, model or max tokens can mend."""
+        return self.status == TaskStatus.FAILED.value and self.error_kind in NEEDS_EDIT_KINDS
+
+    @property
+    def cut_off(self) -> bool:
+        """Whether the answer is complete only up to max_tokens (the provider said "length")."""
+        return self.status == TaskStatus.COMPLETED.value and self.finish_reason == "length"
 
     @property
     def usage(self) -> dict | None:
@@ -235,15 +264,19 @@ class Task(db.Model):
             "prompt": self.prompt,
             "model": self.model,
             "priority": self.priority,
-            "params": self.params or {},
+            "params": {k: v for k, v in (self.params or {}).items() if k != "messages"},
             "status": self.status,
             "progress": self.progress,
             "result": self.result,
             "error": self.error,
             "attempts": self.attempts,
             "usage": self.usage,
+            "finish_reason": self.finish_reason,
             "served_by": self.served_by,
             "cost_usd": money.as_json(self.cost_usd),
+            "batch_id": self.batch_id,
+            "custom_id": self.custom_id,
+            "messages": (self.params or {}).get("messages"),
             "created_at": _iso(self.created_at),
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),

@@ -116,6 +116,7 @@ _COMPLETE = (
         error_kind=None,
         prompt_tokens=bindparam("b_prompt_tokens", type_=_tasks.c.prompt_tokens.type),
         completion_tokens=bindparam("b_completion_tokens", type_=_tasks.c.completion_tokens.type),
+        finish_reason=bindparam("b_finish_reason", type_=_tasks.c.finish_reason.type),
         lease_expires_at=None,
         finished_at=bindparam("b_now", type_=UTCDateTime()),
     )
@@ -195,8 +196,14 @@ def reclaim(claim: Claim) -> Claim | None:
     return replace(claim, attempt=row.attempts) if row else None
 
 
-def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_tokens: int | None) -> bool:
-    """Record the answer: the one final write of a successful attempt."""
+def complete(
+    claim: Claim,
+    text: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    finish_reason: str | None = None,
+) -> bool:
+    """Record the answer and why it ended: the one final write of a successful attempt."""
     return _finishing(
         _COMPLETE,
         {
@@ -205,6 +212,7 @@ def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_toke
             "b_text": text,
             "b_prompt_tokens": prompt_tokens,
             "b_completion_tokens": completion_tokens,
+            "b_finish_reason": finish_reason,
             "b_now": utcnow(),
         },
     )

@@ -116,6 +116,7 @@ def reopen(where: Sequence) -> int:
             error_kind=None,
             prompt_tokens=None,
             completion_tokens=None,
+            finish_reason=None,
             started_at=None,
             finished_at=None,
             run_after=None,

@@ -20,6 +20,8 @@ from ..errors import ConflictError, RateLimitedError, TaskNotFoundError, Validat
 from ..extensions import db
 from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
 from ..ratelimits import rate_limits
+from ..text import text_problem  # noqa: F401 (pages and services import it from here)
+from ..tokens import context_problem
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +51,6 @@ class Submission:
         """Return a hash of the request, to tell a replay from a different body."""
         body = json.dumps([self.prompt, self.model, self.priority, self.params], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(body.encode()).hexdigest()
-
-
-def text_problem(value: str) -> str | None:
-    """Return why a text cannot be stored (NUL bytes, lone surrogates), or None."""
-    if "\x00" in value:
-        return "must not contain NUL characters"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "must be valid Unicode text (it contains a lone surrogate)"
-    return None
 
 
 def validate_submission(
@@ -110,6 +101,11 @@ def validate_submission(
             errors["params.system"] = f"The system prompt {problem}."
         params["system"] = system
 
+    if spec is not None and not errors:
+        # Refused only when no model of the chain fits: a fallback with a larger context may answer.
+        problems = [context_problem(each, prompt, params) for each in cat.chain(name) or [spec]]
+        if all(problems):
+            errors["prompt"] = problems[0]
     if errors:
         raise ValidationError("The task was not accepted: " + " ".join(errors.values()), errors)
     return Submission(prompt=prompt, model=name, priority=priority, params=params)
