@@ -33,11 +33,11 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 from sqlalchemy.exc import DBAPIError
 
-from webapp.budgets import fits
 from webapp.catalog import ModelSpec, catalog
 from webapp.extensions import db
 from webapp.lifecycle import attempts, enqueue
 from webapp.lifecycle.attempts import SHUT_DOWN, Claim, Note
+from webapp.tokens import fits
 
 from . import events
 from .breaker import Breaker

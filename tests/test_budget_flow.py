@@ -206,3 +206,32 @@ def test_twenty_submissions_at_once_cannot_spend_past_the_budget(priced_app):
         budget = db.session.get(User, user_id).monthly_budget_usd
         db.session.remove()
     assert held == 0 and spent == sum(costs) and spent <= budget
+
+
+def test_a_batchs_lines_past_the_budget_go_to_its_error_file_and_the_rest_run(priced_app):
+    import io
+    import json
+
+    api, user_id = with_budget(priced_app, "alice", "0.025")  # two lines fit, the third does not
+    body = {"model": "dear", "max_tokens": 1000, "messages": [{"role": "user", "content": PROMPT}]}
+    content = b"".join(
+        json.dumps({"custom_id": f"line-{n}", "method": "POST", "url": "/v1/chat/completions", "body": body}).encode()
+        + b"\n"
+        for n in range(3)
+    )
+    upload = api.post("/files", data={"file": (io.BytesIO(content), "in.jsonl"), "purpose": "batch"})
+    batch = api.post(
+        "/batches",
+        json={"input_file_id": upload.get_json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+    ).get_json()
+    work(priced_app)  # the intake (two lines held, the third refused), then the two tasks
+    api.get(f"/batches/{batch['id']}")
+    work(priced_app)
+    done = api.get(f"/batches/{batch['id']}").get_json()
+    assert done["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    errors = [json.loads(row) for row in api.get(f"/files/{done['error_file_id']}/content").data.splitlines()]
+    resets = money.next_month(money.month_of(utcnow())).isoformat()
+    assert [(row["custom_id"], row["error"]["code"]) for row in errors] == [("line-2", "budget_exceeded")]
+    assert errors[0]["error"]["message"] == (f"spent $0.00 of $0.025 this month; the budget resets on {resets}")
+    spent, held = held_now(priced_app, user_id)
+    assert held == 0 and 0 < spent <= DEC("0.025")

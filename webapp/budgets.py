@@ -14,7 +14,6 @@ tokens plus its max_tokens. A task whose chain is free holds nothing and is neve
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime
@@ -26,13 +25,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from . import money
-from .catalog import ModelSpec, catalog
+from .catalog import catalog
 from .errors import BudgetExceededError, ValidationError
 from .extensions import db
 from .models import UNFINISHED, Task, TaskStatus, UsageDay, UsageMonth, User, utcnow
+from .tokens import MESSAGE_OVERHEAD_TOKENS, answer_tokens, estimate_prompt_tokens, fits  # noqa: F401 (callers use them here)
 
-# Tokens a chat template adds around each message (role markers), counted into the estimate.
-MESSAGE_OVERHEAD_TOKENS = 8
 _months = UsageMonth.__table__
 _days = UsageDay.__table__
 
@@ -44,30 +42,6 @@ def default_budget() -> Decimal | None:
 def budget_of(user: User) -> Decimal | None:
     """Return the user's monthly budget in dollars, or None for no limit."""
     return user.budget(default_budget())
-
-
-def estimate_prompt_tokens(prompt: str, system: str | None = None) -> int:
-    """Return a generous estimate of a prompt's tokens: one per 3 bytes of UTF-8, plus the template's.
-
-    Tokenisers give English about 4 characters a token and CJK text about one a character (3
-    bytes); a third of the bytes covers both, so a reservation rarely falls short of the cost.
-    """
-    messages = [text for text in (system, prompt) if text]
-    return sum(math.ceil(len(text.encode("utf-8", "surrogatepass")) / 3) for text in messages) + (
-        MESSAGE_OVERHEAD_TOKENS * len(messages)
-    )
-
-
-def answer_tokens(spec: ModelSpec, params: dict) -> int:
-    """Return the most tokens `spec` may write for a task: its max_tokens, within the model's cap."""
-    return min(params.get("max_tokens") or spec.default_max_tokens, spec.max_tokens)
-
-
-def fits(spec: ModelSpec, prompt: str, params: dict) -> bool:
-    """Return whether the prompt and its longest answer fit the model's context window (none: unknown, fits)."""
-    if spec.context_window is None:
-        return True
-    return estimate_prompt_tokens(prompt, params.get("system")) + answer_tokens(spec, params) <= spec.context_window
 
 
 def reservation(model: str, prompt: str, params: dict) -> Decimal:
@@ -130,6 +104,45 @@ def hold_again(connection, rows: Iterable[Mapping]) -> None:
             .where(Task.id == row["id"])
             .values(reserved_usd=amount if month else None, reserved_month=month)
         )
+
+
+def hold_lines(connection, user: User, rows: list[dict]) -> tuple[list[dict], list[dict], str]:
+    """Hold a batch's new task rows in the intake's transaction; return (kept, refused, why refused).
+
+    Lines are held in file order while they fit; the ones past the budget are refused (they go
+    to the batch's error file) and the others run. The month's row is locked for the rest of the
+    intake's transaction, so a submission meanwhile waits for it and then sees what it holds.
+    Each kept row gets its reserved_usd and reserved_month.
+    """
+    month = money.month_of(utcnow())
+    budget = budget_of(user)
+    amounts = [reservation(row["model"], row["prompt"], row["params"] or {}) for row in rows]
+    start = _insert(_months).values(user_id=user.id, month=month, spent_usd=money.ZERO, reserved_usd=money.ZERO)
+    connection.execute(start.on_conflict_do_nothing(index_elements=[_months.c.user_id, _months.c.month]))
+    spent, held = connection.execute(
+        select(_months.c.spent_usd, _months.c.reserved_usd)
+        .where(_months.c.user_id == user.id, _months.c.month == month)
+        .with_for_update()
+    ).one()
+    left = None if budget is None else Decimal(budget) - Decimal(spent) - Decimal(held)
+    kept, refused, total = [], [], money.ZERO
+    for row, amount in zip(rows, amounts, strict=True):
+        if left is not None and amount > 0 and amount > left:
+            refused.append(row)
+            continue
+        if left is not None:
+            left -= amount
+        total += amount
+        row["reserved_usd"], row["reserved_month"] = (amount, month) if amount > 0 else (None, None)
+        kept.append(row)
+    if total:
+        connection.execute(
+            update(_months)
+            .where(_months.c.user_id == user.id, _months.c.month == month)
+            .values(reserved_usd=_months.c.reserved_usd + total)
+        )
+    why = refusal(connection, user, month, budget, max(amounts)).message if refused else ""
+    return kept, refused, why
 
 
 def release_unfinished(connection, rows: Iterable[Mapping]) -> None:

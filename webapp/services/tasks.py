@@ -15,12 +15,13 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 
 from .. import lifecycle, metrics
-from ..budgets import MESSAGE_OVERHEAD_TOKENS, answer_tokens, estimate_prompt_tokens, fits
 from ..catalog import ModelSpec, catalog
 from ..errors import ConflictError, RateLimitedError, TaskNotFoundError, ValidationError
 from ..extensions import db
 from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
 from ..ratelimits import rate_limits
+from ..text import text_problem  # noqa: F401 (pages and services import it from here)
+from ..tokens import context_problem
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,6 @@ class Submission:
         """Return a hash of the request, to tell a replay from a different body."""
         body = json.dumps([self.prompt, self.model, self.priority, self.params], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(body.encode()).hexdigest()
-
-
-def text_problem(value: str) -> str | None:
-    """Return why a text cannot be stored (NUL bytes, lone surrogates), or None."""
-    if "\x00" in value:
-        return "must not contain NUL characters"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "must be valid Unicode text (it contains a lone surrogate)"
-    return None
 
 
 def validate_submission(
@@ -119,28 +109,6 @@ def validate_submission(
     if errors:
         raise ValidationError("The task was not accepted: " + " ".join(errors.values()), errors)
     return Submission(prompt=prompt, model=name, priority=priority, params=params)
-
-
-def context_problem(spec: ModelSpec, prompt: str, params: dict) -> str | None:
-    """Return why the prompt and its longest answer cannot fit the model's context window, or None.
-
-    The prompt's size is the budgets' generous estimate (a token per 3 bytes): a prompt near the
-    edge is refused rather than failing on every attempt with the provider's message.
-    """
-    window = spec.context_window
-    if fits(spec, prompt, params):
-        return None
-    prompt_tokens = estimate_prompt_tokens(prompt, params.get("system"))
-    answer = answer_tokens(spec, params)
-    system = params.get("system")
-    # Tokens left for the prompt itself, and the characters (a token per 3 bytes) that makes.
-    room = window - answer - MESSAGE_OVERHEAD_TOKENS - (estimate_prompt_tokens(system) if system else 0)
-    fix = f"Shorten the prompt to about {room * 3:,} characters, lower max tokens," if room > 0 else "Lower max tokens"
-    return (
-        f"The prompt is about {prompt_tokens:,} tokens (estimated) and the answer may take {answer:,} "
-        f"(max tokens), but model {spec.name} has a context window of {window:,} tokens for both. "
-        f"{fix} or pick a model with a larger context."
-    )
 
 
 def submit(user: User, submission: Submission, idempotency_key: str | None = None) -> tuple[Task, bool]:
