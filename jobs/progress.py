@@ -89,6 +89,7 @@ _COMPLETE = (
         error_kind=None,
         prompt_tokens=bindparam("b_prompt_tokens", type_=_tasks.c.prompt_tokens.type),
         completion_tokens=bindparam("b_completion_tokens", type_=_tasks.c.completion_tokens.type),
+        finish_reason=bindparam("b_finish_reason", type_=_tasks.c.finish_reason.type),
         lease_expires_at=None,
         finished_at=bindparam("b_now", type_=UTCDateTime()),
     )
@@ -249,8 +250,14 @@ def wake(task_id: int, timeout: int) -> bool:
     return True
 
 
-def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_tokens: int | None) -> bool:
-    """Record the answer: the one final write of a successful attempt."""
+def complete(
+    claim: Claim,
+    text: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    finish_reason: str | None = None,
+) -> bool:
+    """Record the answer and why it ended: the one final write of a successful attempt."""
     return _write(
         _COMPLETE,
         {
@@ -259,6 +266,7 @@ def complete(claim: Claim, text: str, prompt_tokens: int | None, completion_toke
             "b_text": text,
             "b_prompt_tokens": prompt_tokens,
             "b_completion_tokens": completion_tokens,
+            "b_finish_reason": finish_reason,
             "b_now": utcnow(),
         },
     )

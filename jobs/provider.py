@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from webapp.catalog import ModelSpec
 TRANSIENT_STATUSES = {408, 409, 425, 429}
 CONNECT_TIMEOUT = 5.0
 PROVIDER_MESSAGE_MAX = 300
+# A finish_reason worth keeping: a short word, as every provider sends (anything else is dropped).
+FINISH_REASON = re.compile(r"[a-z_]{1,32}")
 
 
 class ProviderError(Exception):
@@ -36,6 +39,9 @@ class ProviderError(Exception):
 class Usage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # Why the answer ended: "stop" (the model finished), "length" (cut at max_tokens), or
+    # another word the provider uses ("content_filter"); None when it did not say.
+    finish_reason: str | None = None
 
 
 # SDK clients by (base URL, key, read timeout), one per process, shared by all its threads (an
@@ -148,6 +154,9 @@ def _pieces(chunk: object, usage: Usage) -> list[str]:
         raise ValueError("choices is not a list")
     pieces = []
     for choice in choices:
+        reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+        if isinstance(reason, str) and FINISH_REASON.fullmatch(reason):
+            usage.finish_reason = reason
         delta = choice.get("delta") if isinstance(choice, dict) else None
         piece = delta.get("content") if isinstance(delta, dict) else None
         if piece:
@@ -180,6 +189,13 @@ def classify_status(exc: openai.APIStatusError) -> ProviderError:
             f"The provider refused our credentials (HTTP {status}){detail}. An operator must fix the model's API key.",
             False,
         )
+    if status in (400, 413, 422) and _about_context(exc):
+        return ProviderError(
+            "context_length",
+            f"The prompt and max tokens do not fit the model's context (HTTP {status}){detail}. "
+            "Shorten the prompt or lower max tokens, and submit it again.",
+            False,
+        )
     if status == 404:
         return ProviderError("not_found", f"The provider does not know this model (HTTP 404){detail}.", False)
     return ProviderError("invalid_request", f"The provider rejected the request (HTTP {status}){detail}.", False)
@@ -202,6 +218,17 @@ def retry_after_seconds(headers) -> float | None:
         return None
 
 
+def _about_context(exc: openai.APIStatusError) -> bool:
+    """Whether a refusal is about the context size (OpenAI's context_length_exceeded, llama.cpp's
+    exceed_context_size_error, "maximum context length" and the like)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    inner = body.get("error", body)
+    words = [inner] if isinstance(inner, str) else []
+    if isinstance(inner, dict):
+        words += [str(inner.get(key) or "") for key in ("code", "type", "message")]
+    return any("context" in word.lower() for word in words)
+
+
 def _provider_message(exc: openai.APIStatusError) -> str:
     body = exc.body
     message = None
@@ -210,7 +237,8 @@ def _provider_message(exc: openai.APIStatusError) -> str:
         message = inner.get("message") if isinstance(inner, dict) else inner
     if not message or not isinstance(message, str):
         return ""
-    message = " ".join(message.split())
+    # Our sentence ends with its own full stop: "(HTTP 400): Bad value." would end with two.
+    message = " ".join(message.split()).rstrip(".")
     if len(message) > PROVIDER_MESSAGE_MAX:
         message = message[: PROVIDER_MESSAGE_MAX - 1] + "…"
     return f": {message}"

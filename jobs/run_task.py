@@ -227,7 +227,7 @@ def _attempt(keeper: Entry, spec: ModelSpec | None, job_id: str) -> str:
         return _failed_attempt(task, job_id, err, text)
     breaker.success()
     tokens = usage.completion_tokens or pieces
-    if not _finish(task, text, usage.prompt_tokens, tokens):
+    if not _finish(task, text, usage.prompt_tokens, tokens, usage.finish_reason):
         return _gone(task, job_id)
     events.completed(task, job_id, tokens, seconds, usage.prompt_tokens)
     return "completed"
@@ -270,14 +270,14 @@ def _stream(keeper: Entry, spec: ModelSpec, job_id: str) -> tuple[str, Usage, in
     return "".join(pieces), usage, len(pieces), time.monotonic() - started
 
 
-def _finish(task: Claim, text: str, prompt_tokens: int | None, tokens: int) -> bool:
+def _finish(task: Claim, text: str, prompt_tokens: int | None, tokens: int, finish_reason: str | None) -> bool:
     """Write the answer, waiting for the database; a lost commit reply is recognised."""
     lost_reply = False
 
     def attempt() -> bool:
         nonlocal lost_reply
         try:
-            if progress.complete(task, text, prompt_tokens, tokens):
+            if progress.complete(task, text, prompt_tokens, tokens, finish_reason):
                 return True
         except DBAPIError:
             lost_reply = True

@@ -9,6 +9,8 @@ when the steps run out the default answer comes back. A step is a dict:
     {"hang": 30}                              accept, send headers, then say nothing for 30 s
     {"malformed": True}                       a stream whose chunk is not JSON
     {"usage": False}                          stream without the usage chunk
+    {"finish": None}                          the finish_reason sent (default "stop"; "length"
+                                              when max_tokens cut the answer)
     {"storm": {"429": 0.3, "500": 0.2, "hang": 0.05}, "retry_after": 1, "hang_seconds": 20, ...}
                                               per call, at random: a 429 (with Retry-After), a 500,
                                               a hang, or else the rest of the step (e.g. chunks)
@@ -181,9 +183,11 @@ def _handler(provider: FakeProvider):
             if isinstance(chunks, int):
                 chunks = [f"word{i} " for i in range(chunks)]
             chunks = chunks or default_answer(call.prompt)
+            # A piece is a token: an answer longer than max_tokens is cut there, as real servers do.
             max_tokens = body.get("max_tokens")
-            if max_tokens:
-                chunks = chunks[:max_tokens]
+            finish = step.get("finish", "stop")
+            if max_tokens and len(chunks) > max_tokens:
+                chunks, finish = chunks[:max_tokens], "length"
             if not body.get("stream"):
                 call.outcome = "complete"
                 return self._json(200, _completion("".join(chunks), len(chunks)))
@@ -211,7 +215,7 @@ def _handler(provider: FakeProvider):
                     time.sleep(delay)
                 self._event(_piece_event(piece))
                 call.chunks_sent += 1
-            self._event(json.dumps(_chunk(None, finish="stop")).encode())
+            self._event(json.dumps(_chunk(None, finish=finish)).encode())
             if step.get("usage", True):
                 usage = {"prompt_tokens": len(call.prompt.split()), "completion_tokens": len(chunks)}
                 self._event(json.dumps({**_chunk(None), "usage": usage}).encode())

@@ -20,6 +20,7 @@ TASK_FIELDS = {
     "error",
     "attempts",
     "usage",
+    "finish_reason",
     "served_by",
     "cost_usd",
     "created_at",

@@ -171,17 +171,64 @@ def test_retry_a_failed_task(page, app, fake_provider):
     make_user(app)
     sign_in(page)
     prompt = "Please fail the first time."
-    fake_provider.script(prompt, {"status": 400, "message": "This model does not accept that request."})
+    # Three 503s use up the attempts; another run can succeed, so the page offers Retry.
+    fake_provider.script(prompt, *[{"status": 503, "message": "The model is overloaded."}] * 3)
     page.get_by_label("Prompt", exact=True).fill(prompt)
     page.get_by_role("button", name="Submit").click()
     section = page.locator("section.task")
     expect(section.locator(".badge")).to_have_text("Failed")
-    expect(section.get_by_role("alert")).to_contain_text("This model does not accept that request.")
+    expect(section.get_by_role("alert")).to_contain_text("The model is overloaded.")
+    expect(section.get_by_role("link", name="Edit and resubmit")).to_have_count(0)
 
     section.get_by_role("button", name="Retry").click()
     expect(section.locator(".badge")).to_have_text("Completed")
     expect(section.locator(".answer")).to_contain_text("Echo: Please fail the first time.")
     expect(section.get_by_role("button", name="Retry")).to_have_count(0)
+
+
+def test_a_refused_request_offers_edit_and_resubmit(page, app, fake_provider, shots):
+    make_user(app)
+    sign_in(page)
+    prompt = "Please refuse this one."
+    fake_provider.script(prompt, {"status": 400, "message": "This model does not accept that request."})
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.get_by_role("button", name="Submit").click()
+    section = page.locator("section.task")
+    expect(section.locator(".badge")).to_have_text("Failed")
+    expect(section.get_by_role("alert")).to_contain_text("Running it again would fail the same way")
+    expect(section.get_by_role("button", name="Retry")).to_have_count(0)
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        expect(section.get_by_role("link", name="Edit and resubmit")).to_be_visible()
+        snap(page, shots / f"task-refused-{width}.png")
+
+    section.get_by_role("link", name="Edit and resubmit").click()
+    expect(page.locator("#form-source")).to_contain_text("It failed: The provider rejected the request")
+    expect(page.get_by_label("Prompt", exact=True)).to_have_value(prompt)
+    page.get_by_label("Prompt", exact=True).fill("Please answer this one.")
+    page.get_by_role("button", name="Submit").click()
+    expect(section.locator(".badge")).to_have_text("Completed")
+    expect(section.locator(".answer")).to_contain_text("Echo: Please answer this one.")
+
+
+def test_a_cut_off_answer_says_so_and_keeps_its_lines(page, app, fake_provider, shots):
+    make_user(app)
+    sign_in(page)
+    prompt = "Write a haiku, then explain it at length."
+    fake_provider.script(prompt, {"chunks": ["An old silent pond\n", "A frog jumps in\n", "Splash! ", "The ", "pond"]})
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.locator("summary", has_text="Advanced").click()
+    page.get_by_label("Max tokens").fill("4")
+    page.get_by_role("button", name="Submit").click()
+    section = page.locator("section.task")
+    expect(section.locator(".badge")).to_have_text("Completed")
+    expect(section).to_contain_text("Cut off at 4 tokens: raise max tokens and resubmit.")
+    expect(section.locator(".markdown br")).to_have_count(2)  # the poem keeps its lines
+    for width in (1280, 390):
+        page.set_viewport_size({"width": width, "height": 900})
+        snap(page, shots / f"task-cut-off-{width}.png")
+    section.get_by_role("link", name="Edit and resubmit").click()
+    expect(page.get_by_label("Max tokens")).to_have_value("8")
 
 
 def test_a_validation_error_keeps_what_was_typed(page, app):

@@ -150,14 +150,14 @@ def test_connection_refused_is_transient(app, api, fake_provider, monkeypatch):
 )
 def test_permanent_errors_fail_at_once(app, api, fake_provider, status, words):
     prompt = f"permanent {status}"
-    fake_provider.script(prompt, {"status": status, "message": "context length exceeded"})
+    fake_provider.script(prompt, {"status": status, "message": "upstream says no"})
     task = api.submit(prompt)
     work(app)
     done = api.task(task["id"])
     assert done["status"] == "FAILED"
     assert done["attempts"] == 1
     assert words in done["error"] and f"HTTP {status}" in done["error"]
-    assert "context length exceeded" in done["error"]
+    assert "upstream says no" in done["error"]
     assert len(fake_provider.calls_for(prompt)) == 1
     assert done["finished_at"] is not None
 

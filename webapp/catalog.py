@@ -15,6 +15,9 @@ from . import money
 from .money import PRICE_PLACES
 
 LOCAL = "local"
+# Tokens of context per slot of the built-in model's server (jobs/local_model.py): prompt and
+# answer together. A 32,000-character prompt is ~8k tokens, more than this small model handles well.
+LOCAL_CONTEXT_WINDOW = 4096
 # Dollars per million tokens; a price above this is a typo (the dearest models cost ~$100).
 PRICE_MAX = Decimal(100_000)
 
@@ -44,6 +47,9 @@ class ModelSpec(BaseModel):
     description: str = ""
     max_tokens: int = Field(default=1024, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
+    # Tokens the model reads and writes in one call (prompt + answer); None when unknown, and
+    # then nothing is refused for size at submit.
+    context_window: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.7, ge=0, le=2)
     # Calls to this model in flight at once, and requests and tokens per minute, across all
     # workers (jobs/limits.py); None for no per-minute limit.
@@ -85,6 +91,7 @@ class ModelSpec(BaseModel):
             "description": self.description,
             "max_tokens": self.max_tokens,
             "default_max_tokens": self.default_max_tokens,
+            "context_window": self.context_window,
             "temperature": self.temperature,
             "usd_per_million_input_tokens": money.as_json(self.usd_per_million_input_tokens),
             "usd_per_million_output_tokens": money.as_json(self.usd_per_million_output_tokens),
@@ -151,6 +158,7 @@ def local_model(base_url: str, parallel: int) -> ModelSpec:
         description="SmolLM2-135M-Instruct, built in and offline: fast, small and often wrong.",
         max_tokens=1024,
         default_max_tokens=256,
+        context_window=LOCAL_CONTEXT_WINDOW,
         # A 135M model is only sane at a low temperature with a repeat penalty.
         temperature=0.2,
         extra_body={"repeat_penalty": 1.15},

@@ -76,6 +76,9 @@ class TaskStatus(enum.StrEnum):
 
 UNFINISHED = (TaskStatus.PENDING.value, TaskStatus.PROCESSING.value)
 FINISHED = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
+# Failures another attempt of the same request cannot mend (the provider refused the request,
+# it does not fit the model's context, the model is unknown): the request itself must change.
+NEEDS_EDIT_KINDS = frozenset({"invalid_request", "context_length", "unknown_model", "not_found"})
 
 
 class User(UserMixin, db.Model):
@@ -197,6 +200,8 @@ class Task(db.Model):
     max_attempts: Mapped[int] = mapped_column(Integer)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Why the answer ended, as the provider said: "stop", or "length" when max_tokens cut it.
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
     # The catalog model that answered (differs from `model` after a fallback), the prices it
     # charged then (dollars per million tokens), and the answer's cost at those prices.
     served_by: Mapped[str | None] = mapped_column(String(100))
@@ -226,6 +231,16 @@ class Task(db.Model):
         return self.status in FINISHED
 
     @property
+    def needs_edit(self) -> bool:
+        """Whether the task failed in a way only a changed prompt, model or max tokens can mend."""
+        return self.status == TaskStatus.FAILED.value and self.error_kind in NEEDS_EDIT_KINDS
+
+    @property
+    def cut_off(self) -> bool:
+        """Whether the answer is complete only up to max_tokens (the provider said "length")."""
+        return self.status == TaskStatus.COMPLETED.value and self.finish_reason == "length"
+
+    @property
     def usage(self) -> dict | None:
         if self.prompt_tokens is None and self.completion_tokens is None:
             return None
@@ -245,6 +260,7 @@ class Task(db.Model):
             "error": self.error,
             "attempts": self.attempts,
             "usage": self.usage,
+            "finish_reason": self.finish_reason,
             "served_by": self.served_by,
             "cost_usd": money.as_json(self.cost_usd),
             "created_at": _iso(self.created_at),

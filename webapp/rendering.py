@@ -104,7 +104,8 @@ def _unlink_admin_links(state: StateCore) -> None:
 
 
 def _parser() -> MarkdownIt:
-    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
+    # `breaks`: a single newline is a line break, as people (and models) mean it: a haiku keeps its lines.
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False, "breaks": True})
     md.enable(["table", "strikethrough"])
     # `![alt](url)` stays text: no image is ever fetched because a model wrote its address.
     md.disable("image")

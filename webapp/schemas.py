@@ -104,6 +104,10 @@ class TaskOut(BaseModel):
     error: str | None
     attempts: int
     usage: Usage | None
+    finish_reason: str | None = Field(
+        description='Why the answer ended: "stop" (the model finished) or "length" (cut off at max_tokens: '
+        "raise it and submit again); null until it completes or when the provider did not say."
+    )
     served_by: str | None = Field(description="The catalog model that answered; differs from model after a fallback.")
     cost_usd: float | None = Field(description="What the answer cost in US dollars, at the prices of served_by then.")
     created_at: datetime

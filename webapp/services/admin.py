@@ -166,6 +166,7 @@ def _retry(ids: list[int], where: list) -> int:
             error_kind=None,
             prompt_tokens=None,
             completion_tokens=None,
+            finish_reason=None,
             started_at=None,
             finished_at=None,
             run_after=None,

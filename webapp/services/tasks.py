@@ -24,6 +24,7 @@ from ..extensions import db
 from ..models import MAX_ID, UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
 from ..queues import enqueue_task, new_job_id, redis
 from ..ratelimits import rate_limits
+from .budgets import MESSAGE_OVERHEAD_TOKENS, answer_tokens, estimate_prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,38 @@ def validate_submission(
             errors["params.system"] = f"The system prompt {problem}."
         params["system"] = system
 
+    if spec is not None and not errors:
+        # Refused only when no model of the chain fits: a fallback with a larger context may answer.
+        problems = [context_problem(each, prompt, params) for each in cat.chain(name) or [spec]]
+        if all(problems):
+            errors["prompt"] = problems[0]
     if errors:
         raise ValidationError("The task was not accepted: " + " ".join(errors.values()), errors)
     return Submission(prompt=prompt, model=name, priority=priority, params=params)
+
+
+def context_problem(spec: ModelSpec, prompt: str, params: dict) -> str | None:
+    """Return why the prompt and its longest answer cannot fit the model's context window, or None.
+
+    The prompt's size is the budgets' generous estimate (a token per 3 bytes): a prompt near the
+    edge is refused rather than failing on every attempt with the provider's message.
+    """
+    window = spec.context_window
+    if window is None:
+        return None
+    prompt_tokens = estimate_prompt_tokens(prompt, params.get("system"))
+    answer = answer_tokens(spec, params)
+    if prompt_tokens + answer <= window:
+        return None
+    system = params.get("system")
+    # Tokens left for the prompt itself, and the characters (a token per 3 bytes) that makes.
+    room = window - answer - MESSAGE_OVERHEAD_TOKENS - (estimate_prompt_tokens(system) if system else 0)
+    fix = f"Shorten the prompt to about {room * 3:,} characters, lower max tokens," if room > 0 else "Lower max tokens"
+    return (
+        f"The prompt is about {prompt_tokens:,} tokens (estimated) and the answer may take {answer:,} "
+        f"(max tokens), but model {spec.name} has a context window of {window:,} tokens for both. "
+        f"{fix} or pick a model with a larger context."
+    )
 
 
 def job_timeout(model: str) -> int:
@@ -402,6 +432,7 @@ def retry(user: User, task_id: int) -> Task:
             error_kind=None,
             prompt_tokens=None,
             completion_tokens=None,
+            finish_reason=None,
             started_at=None,
             finished_at=None,
             run_after=None,

@@ -28,13 +28,17 @@ from markupsafe import Markup
 from .. import money, ratelimits
 from ..auth import sign_in, sign_out
 from ..catalog import catalog
-from ..errors import ConflictError, RateLimitedError, ValidationError
+from ..errors import ConflictError, RateLimitedError, TaskNotFoundError, ValidationError
 from ..models import TaskStatus
 from ..rendering import render_markdown
 from ..services import accounts
 from ..services import tasks as service
+from ..services.budgets import answer_tokens
 
 bp = Blueprint("pages", __name__)
+
+# The largest id a row can have (PostgreSQL's bigint, SQLite's integer).
+BIGINT_MAX = 2**63 - 1
 
 STATUS_LABELS = {
     TaskStatus.PENDING.value: "Pending",
@@ -98,9 +102,18 @@ def duration_filter(seconds: float | None) -> str:
     return f"{hours} h {minutes} min"
 
 
+def answer_limits(task) -> tuple[int | None, int | None]:
+    """Return (the max tokens a task's answer had, the most its model allows); None where unknown."""
+    params = task.params or {}
+    spec = catalog().get(task.served_by or task.model)
+    if spec is None:
+        return params.get("max_tokens"), None
+    return answer_tokens(spec, params), spec.max_tokens
+
+
 @bp.app_context_processor
 def page_context() -> dict:
-    return {"status_labels": STATUS_LABELS, "statuses": list(STATUS_LABELS)}
+    return {"status_labels": STATUS_LABELS, "statuses": list(STATUS_LABELS), "answer_limits": answer_limits}
 
 
 def _is_htmx() -> bool:
@@ -220,7 +233,7 @@ def _form_float(name: str, errors: dict) -> float | None:
     return value
 
 
-def _render_index(values: dict | None = None, errors: dict | None = None, limited: str | None = None):
+def _render_index(values: dict | None = None, errors: dict | None = None, limited: str | None = None, source=None):
     cat = catalog()
     return render_template(
         "index.html",
@@ -229,13 +242,38 @@ def _render_index(values: dict | None = None, errors: dict | None = None, limite
         values=values or {},
         errors=errors or {},
         limited=limited,
+        source=source,
     )
+
+
+def _values_of(task) -> dict:
+    """Return a task's request as the form's fields; a cut-off answer's max tokens doubled (within the cap)."""
+    params = task.params or {}
+    values = {"prompt": task.prompt, "model": task.model, "priority": str(task.priority)}
+    max_tokens = params.get("max_tokens")
+    if task.cut_off:
+        limit, cap = answer_limits(task)
+        if limit and cap and limit < cap:
+            max_tokens = min(limit * 2, cap)
+    for name, value in (("max_tokens", max_tokens), ("temperature", params.get("temperature"))):
+        if value is not None:
+            values[name] = str(value)
+    if params.get("system"):
+        values["system"] = params["system"]
+    return values
 
 
 @bp.get("/")
 @login_required
 def index():
-    return _render_index()
+    """The submit form; `?from=<id>` fills it in with one of the user's tasks, to edit and submit anew."""
+    source = request.args.get("from")
+    if source is None:
+        return _render_index()
+    if not source.isdigit() or not 0 < int(source) <= BIGINT_MAX:
+        raise TaskNotFoundError(source[:40])
+    task = service.get_task(current_user, int(source))
+    return _render_index(_values_of(task), source=task)
 
 
 @bp.post("/tasks")
