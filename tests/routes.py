@@ -57,6 +57,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     # Tokens are per user for admins too: nobody revokes another's token.
     ("POST", "/tokens/<id:token_id>/revoke"): ("/tokens/{token}/revoke", {**OWNED_PAGE, "admin": 404}),
     ("GET", "/static/<path:filename>"): ("/static/app.js", PUBLIC),
+    ("GET", "/favicon.ico"): ("/favicon.ico", PUBLIC),
     ("GET", "/metrics"): ("/metrics", ADMIN),
     ("GET", "/admin"): ("/admin", ADMIN),
     ("GET", "/admin/stats"): ("/admin/stats", ADMIN),
