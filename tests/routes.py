@@ -102,6 +102,8 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     # The state-changing GET upstream answers is refused (a link or an <img> could trigger it).
     ("GET", "/admin/rq/requeue/<queue_name>"): ("/admin/rq/requeue/default", {**ADMIN, "admin": 405}),
     ("GET", "/api/v1/openapi.json"): ("/api/v1/openapi.json", PUBLIC),
+    ("GET", "/api/v1/docs"): ("/api/v1/docs", PUBLIC),
+    ("GET", "/api/v1/docs/ui/<path:filename>"): ("/api/v1/docs/ui/js/swagger-ui-bundle.js", PUBLIC),
     ("GET", "/api/v1/health"): ("/api/v1/health", PUBLIC),
     ("GET", "/api/v1/models"): ("/api/v1/models", API),
     ("GET", "/api/v1/usage"): ("/api/v1/usage", API),
