@@ -6,7 +6,7 @@ A real webhook worker process (`flask --app wsgi worker webhooks`, WEBHOOK_CONCU
 serves the `webhooks` queue; a receiver on loopback verifies each delivery with the
 `standardwebhooks` package and notes when it arrived. The bench finishes `--tasks` tasks at
 `--rate` a second, each as the lifecycle does: one transaction changes the row and writes its
-outbox rows (`services.outbox.record_task_events`), and the commit time is noted.
+outbox rows (`webapp.outbox.record_task_events`), and the commit time is noted.
 
 Baseline, in this run: the same bodies POSTed straight to the receiver from this process (the
 bare cost of an HTTP request on loopback), so the difference is what the outbox, the queue and
@@ -77,10 +77,9 @@ def main() -> None:
     reset_database()
     token = user_token("hooks")
     os.environ.update(DATABASE_URL=DATABASE_URL, REDIS_URL=REDIS_URL, SECRET_KEY="bench", WEBHOOK_ALLOW_LOOPBACK="true")
-    from webapp import create_app
+    from webapp import create_app, outbox, tasks, webhooks
     from webapp.extensions import db
     from webapp.models import Task, User
-    from webapp.services import outbox, tasks, webhooks
 
     app = create_app({"RATELIMIT_ENABLED": False})
     receiver = Receiver()

@@ -28,9 +28,10 @@ from webapp.batch_models import Batch, BatchStatus
 from webapp.catalog import catalog
 from webapp.extensions import db
 from webapp.lifecycle import batches as lifecycle
+from webapp.lifecycle import job_timeout
 from webapp.queues import enqueue_tasks
-from webapp.services.tasks import context_problem, job_timeout
 from webapp.text import text_problem
+from webapp.tokens import context_problem
 
 log = logging.getLogger(__name__)
 

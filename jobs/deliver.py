@@ -31,12 +31,11 @@ import httpcore2
 from flask import current_app
 from sqlalchemy import bindparam, func, select, update
 
-from webapp import __version__
+from webapp import __version__, outbox
 from webapp.extensions import db
 from webapp.metrics import Batch
 from webapp.models import UTCDateTime, utcnow
 from webapp.netguard import GuardedBackend, RefusedError
-from webapp.services import outbox
 from webapp.webhook_models import DeliveryStatus, WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger(__name__)

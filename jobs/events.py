@@ -11,10 +11,10 @@ import logging
 
 from rq import get_current_job
 
+from webapp.lifecycle.attempts import Claim
 from webapp.metrics import Batch
 from webapp.models import utcnow
 
-from .progress import Claim
 from .provider import ProviderError
 
 log = logging.getLogger("jobs.events")

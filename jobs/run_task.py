@@ -13,7 +13,9 @@ with the job that will run it next. What else can happen, and what it does:
 - the worker is asked to stop: the attempt finishes within the grace period or hands back
   (attempt refunded);
 - the database goes away: the stream goes on, progress writes are skipped, and the final
-  write waits for the database (jobs.progress.with_database); nothing fails for it.
+  write waits for the database (jobs.outage.with_database); nothing fails for it.
+
+The status changes themselves are `webapp/lifecycle/attempts.py`.
 """
 
 from __future__ import annotations
@@ -23,20 +25,19 @@ import random
 import time
 
 from flask import current_app
-from redis.exceptions import RedisError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 from sqlalchemy.exc import DBAPIError
 
 from webapp.catalog import ModelSpec, catalog
 from webapp.extensions import db
-from webapp.queues import enqueue_task
-from webapp.services.tasks import job_timeout
+from webapp.lifecycle import attempts, enqueue
+from webapp.lifecycle.attempts import SHUT_DOWN, Claim
 
-from . import events, progress
+from . import events
 from .breaker import Breaker
 from .limits import Hold, estimate_tokens, line_place, model_limits
-from .progress import Claim, database_unavailable, with_database
+from .outage import database_unavailable, with_database
 from .provider import ProviderError, Usage, stream_answer
 from .shutdown import drain
 from .tracker import Entry, tracker
@@ -71,7 +72,7 @@ def run_task(task_id: int) -> str:
     job = get_current_job()
     job_id = job.id if job else None
     label = job_id or "-"
-    pending = with_database(lambda: progress.pending_task(task_id))
+    pending = with_database(lambda: attempts.pending_task(task_id))
     if pending is None:
         events.skipped(task_id, label)
         return "skipped"
@@ -88,7 +89,7 @@ def run_task(task_id: int) -> str:
             wake(spec, model_limits().release(hold, hold.used))
 
 
-def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pending: progress.Pending) -> Hold | None:
+def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pending: attempts.Pending) -> Hold | None:
     """Take a place under the model's limits and past its breaker, or leave the task waiting (None)."""
     budget = pending.params.get("max_tokens") or spec.default_max_tokens
     tokens = estimate_tokens(pending.prompt_chars, pending.params.get("system"), budget)
@@ -107,8 +108,7 @@ def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pendin
     else:
         wait, reason = verdict.wait, f"{verdict.limit} limit"
     delay = wait + random.uniform(0, 1)  # spread the waiting tasks out
-    timeout = job_timeout(spec.name)
-    new_job = with_database(lambda: progress.defer(task_id, job_id, pending.priority, spec.name, delay, timeout))
+    new_job = with_database(lambda: attempts.defer(task_id, job_id, pending.priority, spec.name, delay))
     events.paused(task_id, label, spec.name, delay, new_job, reason)
     return None
 
@@ -116,10 +116,9 @@ def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pendin
 def wake(spec: ModelSpec, woken: tuple[int, ...]) -> None:
     """Enqueue the tasks that freed slots went to; a task no longer waiting passes its slot on."""
     left = list(woken)
-    timeout = job_timeout(spec.name) if left else 0
     while left:
         task_id = left.pop(0)
-        if not with_database(lambda task_id=task_id: progress.wake(task_id, timeout)):
+        if not with_database(lambda task_id=task_id: attempts.wake(task_id)):
             left.extend(model_limits().unreserve(spec.name, spec.concurrency or 0, task_id))
 
 
@@ -163,12 +162,12 @@ def _claim(task_id: int, job_id: str | None) -> Claim | None:
     def attempt() -> Claim | None:
         nonlocal lost_reply
         try:
-            found = progress.claim(task_id, job_id)
+            found = attempts.claim(task_id, job_id)
         except DBAPIError:
             lost_reply = True
             raise
         if found is None and lost_reply and job_id:
-            return progress.claimed_by(task_id, job_id)
+            return attempts.claimed_by(task_id, job_id)
         return found
 
     return with_database(attempt)
@@ -177,7 +176,7 @@ def _claim(task_id: int, job_id: str | None) -> Claim | None:
 def _crashed(task: Claim, job_id: str, exc: BaseException) -> str:
     events.crashed(task, job_id)
     with contextlib.suppress(DBAPIError):
-        progress.fail(
+        attempts.fail(
             task,
             "internal",
             "The worker hit an internal error. Retry the task; if it keeps failing, tell an operator.",
@@ -190,7 +189,7 @@ def _attempt(keeper: Entry, spec: ModelSpec | None, job_id: str) -> str:
     task = keeper.claim
     if spec is None:
         with_database(
-            lambda: progress.fail(
+            lambda: attempts.fail(
                 task,
                 "unknown_model",
                 f"The model {task.model!r} is no longer offered. Submit the prompt again with another model.",
@@ -213,7 +212,7 @@ def _attempt(keeper: Entry, spec: ModelSpec | None, job_id: str) -> str:
                 _count_failure(breaker)
             if not _wait_inline(task, err, breaker, keeper, job_id, spec):
                 return _failed_attempt(task, job_id, err, err.partial)
-            task = with_database(lambda t=task: progress.reclaim(t))
+            task = with_database(lambda t=task: attempts.reclaim(t))
             if task is None:
                 return _gone(keeper.claim, job_id)
             keeper.claim = task
@@ -277,21 +276,14 @@ def _finish(task: Claim, text: str, prompt_tokens: int | None, tokens: int, fini
     def attempt() -> bool:
         nonlocal lost_reply
         try:
-            if progress.complete(task, text, prompt_tokens, tokens, finish_reason):
+            if attempts.complete(task, text, prompt_tokens, tokens, finish_reason):
                 return True
         except DBAPIError:
             lost_reply = True
             raise
-        return lost_reply and _completed_by(task)
+        return lost_reply and attempts.completed_by(task)
 
     return with_database(attempt)
-
-
-def _completed_by(task: Claim) -> bool:
-    from webapp.models import Task, TaskStatus
-
-    row = db.session.get(Task, task.task_id, populate_existing=True)
-    return row is not None and row.status == TaskStatus.COMPLETED.value and row.attempts == task.attempt
 
 
 def _wait_inline(
@@ -324,12 +316,9 @@ def _wait_inline(
 
 def _hand_back_for_shutdown(task: Claim, job_id: str) -> None:
     """Give the task back at once, attempt refunded, with a job ready for another worker."""
-    try:
-        next_job = enqueue_task(task.task_id, task.priority, job_timeout(task.model))
-    except RedisError:
-        next_job = None  # the sweeper enqueues it
-    message = "The worker running this task shut down; it will run again."
-    if with_database(lambda: progress.hand_back(task, "shutdown", message, 0, next_job, refund=True)):
+    next_job = enqueue(task.task_id, task.priority, task.model, why="handed back")
+    message = SHUT_DOWN + attempts.RUNS_AGAIN
+    if with_database(lambda: attempts.hand_back(task, "shutdown", message, 0, next_job, refund=True)):
         events.handed_back(task, job_id, "shutdown", next_job)
     raise HandedBack()
 
@@ -347,18 +336,15 @@ def _failed_attempt(task: Claim, job_id: str, err: ProviderError, text: str) -> 
         delay = max(delay, Breaker(task.model).remaining())
         # The job for the next attempt is created first; if the fenced write then misses (the
         # task was cancelled meanwhile) that job finds nothing to claim and ends quietly.
-        try:
-            next_job = enqueue_task(task.task_id, task.priority, job_timeout(task.model), delay)
-        except RedisError:
-            next_job = None  # the sweeper enqueues it once it is due
+        next_job = enqueue(task.task_id, task.priority, task.model, delay, why="handed back")
         message = f"{err.message} Attempt {task.attempt} of {task.max_attempts} failed; retrying in {delay:.0f} s."
-        with_database(lambda: progress.hand_back(task, err.kind, message, delay, next_job))
+        with_database(lambda: attempts.hand_back(task, err.kind, message, delay, next_job))
         events.retrying(task, job_id, err, delay, next_job)
     else:
         if err.transient:
             message = f"{err.message} Gave up after {task.attempt} attempts; retry the task later."
         else:
             message = err.message
-        with_database(lambda: progress.fail(task, err.kind, message, text))
+        with_database(lambda: attempts.fail(task, err.kind, message, text))
         events.failed(task, job_id, err.kind)
     raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: {err.kind}") from None

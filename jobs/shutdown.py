@@ -5,7 +5,7 @@ this process starts no new provider call, and one still streaming at the deadlin
 task back (PENDING, a fresh job enqueued at once, the attempt refunded) instead of being
 killed with it. Code that runs attempts only asks `drain.draining` and `drain.expired()`; the
 threaded worker (jobs/worker.py) calls `drain.request` on SIGTERM and, past the deadline, hands
-back whatever its threads still hold with `jobs.progress.release`.
+back whatever its threads still hold with `webapp.lifecycle.attempts.release`.
 """
 
 from __future__ import annotations

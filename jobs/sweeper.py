@@ -39,17 +39,17 @@ from redis import Redis
 from redis.exceptions import RedisError
 from rq.registry import ScheduledJobRegistry
 from rq.serializers import JSONSerializer
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import DBAPIError
 
 from webapp.catalog import ModelSpec, catalog
 from webapp.extensions import db
+from webapp.lifecycle import attempts, job_timeout
 from webapp.models import IdempotencyKey, Task, TaskStatus, utcnow
 from webapp.queues import QUEUE_NAMES, enqueue_task, get_queue, redis
-from webapp.services.tasks import job_timeout
 
 from .limits import model_limits
-from .progress import database_unavailable
+from .outage import database_unavailable
 from .run_task import wake
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def _take_back_expired(report: SweepReport) -> None:
     after = 0
     while True:
         expired = db.session.execute(
-            select(Task.id, Task.attempts, Task.max_attempts)
+            select(Task.id, Task.attempts)
             .where(Task.status == TaskStatus.PROCESSING.value, Task.lease_expires_at < now, Task.id > after)
             .order_by(Task.id)
             .limit(BATCH)
@@ -166,39 +166,10 @@ def _take_back_expired(report: SweepReport) -> None:
         if not expired:
             return
         after = expired[-1].id
-        for task_id, attempts, max_attempts in expired:
-            # Fenced like a worker's write: only if nobody renewed or finished it meanwhile.
-            fence = update(Task).where(
-                Task.id == task_id,
-                Task.attempts == attempts,
-                Task.status == TaskStatus.PROCESSING.value,
-                Task.lease_expires_at < now,
-            )
-            if attempts >= max_attempts:
-                values = dict(
-                    status=TaskStatus.FAILED.value,
-                    error_kind="worker_lost",
-                    error=f"The worker running this task stopped responding, and all {max_attempts} attempts "
-                    "are used. Retry the task.",
-                    lease_expires_at=None,
-                    finished_at=now,
-                )
-                outcome = report.failed
-            else:
-                values = dict(
-                    status=TaskStatus.PENDING.value,
-                    error_kind="worker_lost",
-                    error="The worker running this task stopped responding; it will run again.",
-                    lease_expires_at=None,
-                    result=None,
-                    progress=0,
-                    run_after=now,
-                    job_id=None,
-                )
-                outcome = report.reclaimed
-            if db.session.execute(fence.values(**values)).rowcount:
-                outcome.append(task_id)
-            db.session.commit()
+        for task_id, attempt in expired:
+            status = attempts.take_back(task_id, attempt, now)
+            if status is not None:
+                (report.failed if status == TaskStatus.FAILED.value else report.reclaimed).append(task_id)
     # The reclaimed tasks are PENDING with no job now: the orphan pass enqueues them.
 
 
@@ -289,15 +260,7 @@ def _requeue_orphans(report: SweepReport) -> None:
             except RedisError:
                 log.warning("sweeper: Redis unavailable; will retry next pass")
                 return
-            # Fenced on the job it replaces: a worker that handed the task back meanwhile wins.
-            fence = Task.job_id.is_(None) if row.job_id is None else Task.job_id == row.job_id
-            hit = db.session.execute(
-                update(Task)
-                .where(Task.id == row.id, Task.status == TaskStatus.PENDING.value, fence)
-                .values(job_id=job_id)
-            ).rowcount
-            db.session.commit()
-            if hit:
+            if attempts.requeue(row.id, row.job_id, job_id):
                 report.requeued.append(row.id)
 
 

@@ -31,10 +31,10 @@ from flask import Flask
 from sqlalchemy import bindparam, text, update
 
 from webapp.extensions import db
+from webapp.lifecycle.attempts import Claim
 from webapp.models import Task, TaskStatus, UTCDateTime, utcnow
 
 from .limits import Hold, model_limits
-from .progress import Claim
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ so rq-dashboard and `/health` show the truth.
   still running a few seconds after that has its task handed back by the worker, which exits.
   A second SIGTERM (or Ctrl+C) hands back every running task at once and exits.
 - **A thread that dies** (an exception that escaped RQ's own handling) has its task handed back
-  at once (`progress.release`, fenced by the job id), so it does not wait for the lease.
+  at once (`webapp.lifecycle.attempts.release`, fenced by the job id), so it does not wait for the lease.
 - **Redis going away**: the loop waits and tries again, with the running threads untouched;
   once Redis is back the worker registers itself again if Redis lost it.
 """
@@ -51,10 +51,12 @@ from rq.worker import BaseWorker, WorkerStatus
 
 from webapp.catalog import catalog
 from webapp.extensions import db
+from webapp.lifecycle import attempts
 from webapp.queues import connect
 
-from . import events, progress
+from . import events
 from . import run_task as _run_task  # noqa: F401 (loaded before the first job)
+from .outage import with_database
 from .provider import warm_clients
 from .run_task import TaskAttemptError
 from .shutdown import drain
@@ -271,13 +273,13 @@ class TaskWorker(BaseWorker):
             return
         task_id = int(job.args[0])
         if shutdown:
-            kind, reason = "shutdown", "The worker running this task shut down."
+            kind, reason = "shutdown", attempts.SHUT_DOWN
         else:
-            kind, reason = "worker_lost", "The worker thread running this task died."
+            kind, reason = "worker_lost", attempts.THREAD_DIED
         with self.app.app_context():
             try:
-                status = progress.with_database(
-                    lambda: progress.release(task_id, job.id, kind, reason, refund=shutdown), seconds=5
+                status = with_database(
+                    lambda: attempts.release(task_id, job.id, kind, reason, refund=shutdown), seconds=5
                 )
             except Exception:
                 db.session.rollback()

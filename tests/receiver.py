@@ -15,9 +15,9 @@ from sqlalchemy import update
 from standardwebhooks.webhooks import Webhook
 
 from tests.helpers import redis_conn
+from webapp import outbox
 from webapp.extensions import db
 from webapp.models import utcnow
-from webapp.services import outbox
 from webapp.webhook_models import WebhookDelivery
 
 

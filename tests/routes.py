@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from tests.helpers import ApiClient, csrf_from, login, make_user, task_row
+from webapp import outbox
 from webapp.extensions import db
 from webapp.models import User, utcnow
-from webapp.services import accounts, batches, files, outbox
+from webapp.services import accounts, batches, files
 from webapp.services.webhooks import new_secret
 from webapp.webhook_models import WebhookDelivery, WebhookEndpoint
 

@@ -17,9 +17,9 @@ from werkzeug.serving import make_server
 from tests import servers
 from tests.helpers import ROOT, free_port, wait_for
 from tests.receiver import deliver_all
+from webapp import outbox
 from webapp.extensions import db
 from webapp.models import Task, utcnow
-from webapp.services import outbox
 
 _tasks = Task.__table__
 worker = servers.worker  # a real `flask worker` process (module-scoped)

@@ -8,11 +8,11 @@ import pytest
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from jobs import progress
 from jobs.run_task import backoff_delay
 from jobs.tracker import Entry, Tracker
 from tests.helpers import redis_conn, run_in_thread, task_row, wait_for, work
 from webapp.extensions import db
+from webapp.lifecycle import attempts
 from webapp.models import Task, utcnow
 from webapp.queues import enqueue_task
 
@@ -31,13 +31,13 @@ def test_a_second_delivery_of_the_same_task_does_nothing(app, api, fake_provider
 def test_a_stale_attempt_cannot_overwrite(app, api):
     task = api.submit("fenced")
     with app.app_context():
-        first = progress.claim(task["id"])
+        first = attempts.claim(task["id"])
         assert first.attempt == 1
-        assert progress.claim(task["id"]) is None  # not PENDING any more
+        assert attempts.claim(task["id"]) is None  # not PENDING any more
         # The sweeper took it back (the first worker looked dead); a second worker claims it.
         db.session.query(Task).filter_by(id=task["id"]).update({"status": "PENDING"})
         db.session.commit()
-        second = progress.claim(task["id"])
+        second = attempts.claim(task["id"])
         assert second.attempt == 2
         # The batch writer of running attempts is fenced too: the stale attempt is told it lost the task.
         stale, fresh = Entry(first, budget=10, pieces=["stale text"]), Entry(second, budget=10)
@@ -45,9 +45,9 @@ def test_a_stale_attempt_cannot_overwrite(app, api):
         tracker.entries = {0: stale, 1: fresh}
         tracker.tick()
         assert stale.lost.is_set() and not fresh.lost.is_set()
-        assert progress.complete(first, "stale answer", 1, 1) is False
-        assert progress.fail(first, "x", "stale failure") is False
-        assert progress.complete(second, "fresh answer", 1, 2) is True
+        assert attempts.complete(first, "stale answer", 1, 1) is False
+        assert attempts.fail(first, "x", "stale failure") is False
+        assert attempts.complete(second, "fresh answer", 1, 2) is True
     row = task_row(app, task["id"])
     assert row.status == "COMPLETED" and row.result == "fresh answer" and row.attempts == 2
 

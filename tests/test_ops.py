@@ -202,7 +202,7 @@ def test_a_database_error_in_a_job_is_recorded_without_its_sql(app, api, monkeyp
     def lost(*args, **kwargs):
         raise DBAPIError("UPDATE tasks SET result=%(result)s", {"result": "Wombat-2218 answer"}, Exception("x"))
 
-    monkeypatch.setattr("jobs.progress.complete", lost)
+    monkeypatch.setattr("webapp.lifecycle.attempts.complete", lost)
     with app.app_context(), pytest.raises(TaskAttemptError) as raised:
         run_task(task["id"])
     # Ids and an error class only; the DBAPIError (and its SQL) is not chained either.

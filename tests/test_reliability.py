@@ -9,11 +9,12 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from jobs import progress
+from jobs import outage
 from jobs.breaker import Breaker
 from jobs.shutdown import drain
 from tests.helpers import enqueue_scheduled_now, redis_conn, run_in_thread, task_row, wait_for, work
 from webapp.extensions import db
+from webapp.lifecycle import attempts
 from webapp.models import Task
 
 
@@ -145,11 +146,11 @@ def test_release_by_job_id(app, api):
     with app.app_context():
         db.session.query(Task).filter_by(id=last["id"]).update({"attempts": 2, "max_attempts": 3})
         db.session.commit()
-        progress.claim(first["id"], "job-a")
-        progress.claim(last["id"], "job-b")
-        assert progress.release(first["id"], "job-x", "worker_lost", "Died.", refund=False) is None  # not its job
-        assert progress.release(first["id"], "job-a", "worker_lost", "Died.", refund=False) == "PENDING"
-        assert progress.release(last["id"], "job-b", "worker_lost", "Died.", refund=False) == "FAILED"
+        attempts.claim(first["id"], "job-a")
+        attempts.claim(last["id"], "job-b")
+        assert attempts.release(first["id"], "job-x", "worker_lost", "Died.", refund=False) is None  # not its job
+        assert attempts.release(first["id"], "job-a", "worker_lost", "Died.", refund=False) == "PENDING"
+        assert attempts.release(last["id"], "job-b", "worker_lost", "Died.", refund=False) == "FAILED"
     again = task_row(app, first["id"])
     assert again.job_id != "job-a" and again.error.endswith("It will run again.")
     assert again.job_id in Queue("default", connection=redis_conn(), serializer=JSONSerializer).get_job_ids()
@@ -161,7 +162,7 @@ def test_release_of_a_job_that_never_claimed_enqueues_a_new_one(app, api):
     task = api.submit("killed before its claim")
     job_id = task_row(app, task["id"]).job_id
     with app.app_context():
-        assert progress.release(task["id"], job_id, "worker_lost", "Died.", refund=False) == "PENDING"
+        assert attempts.release(task["id"], job_id, "worker_lost", "Died.", refund=False) == "PENDING"
     assert task_row(app, task["id"]).job_id != job_id
 
 
@@ -178,7 +179,7 @@ def test_with_database_waits_for_the_database(app):
         return "done"
 
     with app.app_context():
-        assert progress.with_database(flaky, seconds=10) == "done"
+        assert outage.with_database(flaky, seconds=10) == "done"
     assert len(calls) == 3
 
 
@@ -191,6 +192,6 @@ def test_with_database_gives_up_and_never_retries_real_errors(app):
 
     with app.app_context():
         with pytest.raises(IntegrityError):
-            progress.with_database(broken, seconds=10)
+            outage.with_database(broken, seconds=10)
         with pytest.raises(OperationalError):
-            progress.with_database(down, seconds=0.5)
+            outage.with_database(down, seconds=0.5)

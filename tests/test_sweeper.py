@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from jobs import progress
 from jobs.sweeper import ADVISORY_LOCK, SCHEDULER_SLACK, sweep
 from tests.helpers import age, redis_conn, task_row, work
 from webapp.extensions import db
+from webapp.lifecycle import attempts
 from webapp.models import Task, utcnow
 
 
@@ -51,7 +51,7 @@ def test_a_fresh_task_without_a_job_gets_a_grace_period(app, api):
 def test_expired_lease_goes_back_to_pending_and_runs_again(app, api, fake_provider):
     task = api.submit("worker died")
     with app.app_context():
-        claimed = progress.claim(task["id"])  # a worker took it... and died
+        claimed = attempts.claim(task["id"])  # a worker took it... and died
         db.session.query(Task).filter_by(id=task["id"]).update({"lease_expires_at": utcnow() - timedelta(seconds=1)})
         db.session.commit()
         redis_conn().flushdb()
@@ -63,7 +63,7 @@ def test_expired_lease_goes_back_to_pending_and_runs_again(app, api, fake_provid
     done = api.task(task["id"])
     assert done["status"] == "COMPLETED" and done["attempts"] == 2
     with app.app_context():
-        assert progress.complete(claimed, "late answer from the dead worker", 1, 1) is False
+        assert attempts.complete(claimed, "late answer from the dead worker", 1, 1) is False
 
 
 def test_expired_lease_with_no_attempts_left_fails(app, api):
@@ -109,7 +109,7 @@ def test_delayed_jobs_left_by_a_dead_scheduler_are_moved_to_their_queue(app, api
 def test_a_live_lease_is_not_touched(app, api):
     task = api.submit("alive")
     with app.app_context():
-        progress.claim(task["id"])
+        attempts.claim(task["id"])
         report = sweep()
     assert report.reclaimed == [] and report.failed == []
     assert task_row(app, task["id"]).status == "PROCESSING"

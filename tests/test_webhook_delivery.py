@@ -8,13 +8,16 @@ import sys
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
-from tests.helpers import ROOT, redis_conn
+from jobs.sweeper import sweep
+from tests.helpers import ROOT, redis_conn, work
 from tests.receiver import Receiver, deliver_all
+from webapp import lifecycle, outbox
 from webapp.extensions import db
+from webapp.lifecycle import attempts
 from webapp.models import Task, utcnow
-from webapp.services import outbox
+from webapp.services import admin, retention
 from webapp.services import webhooks as service
 from webapp.webhook_models import WebhookDelivery, WebhookEndpoint
 
@@ -271,7 +274,7 @@ def test_retention_deletes_old_finished_deliveries_only(app, api, hooks, receive
     with app.app_context():
         db.session.execute(update(WebhookDelivery).values(created_at=utcnow() - timedelta(days=8)))
         db.session.commit()
-        assert outbox.cleanup() == 1
+        assert retention.cleanup_deliveries() == 1
     assert [r.status for r in deliveries(app)] == ["pending"]
 
 
@@ -302,7 +305,8 @@ from sqlalchemy import update
 from webapp import create_app
 from webapp.extensions import db
 from webapp.models import Task, utcnow
-from webapp.services import outbox
+from webapp import lifecycle, outbox
+from webapp.lifecycle import attempts
 
 app = create_app()
 tasks = Task.__table__
@@ -338,3 +342,79 @@ def test_a_process_killed_after_the_commit_still_delivers(app, api, hooks, recei
         assert outbox.sweep() == 1  # what the scheduler runs every SWEEP_INTERVAL
     deliver_all(app)
     assert receiver.wait_for(1)[0].verify(secret)["data"]["id"] == task["id"]
+
+
+# The lifecycle's own paths: every way a task finishes writes its outbox rows in that change's
+# transaction (webapp/lifecycle/hooks.py `_finished`), and they are delivered, signed.
+
+ALL_TASK_EVENTS = ("task.completed", "task.failed", "task.cancelled")
+
+
+def delivered(app, receiver, secret: str, count: int = 1) -> list[dict]:
+    deliver_all(app)
+    return [got.verify(secret) for got in receiver.wait_for(count)]
+
+
+def test_a_task_a_worker_completes_is_delivered(app, api, hooks, receiver):
+    _, secret = endpoint_for(app, api, receiver.url, ALL_TASK_EVENTS)
+    task = api.submit("What is the capital of France?")
+    work(app)
+    (payload,) = delivered(app, receiver, secret)
+    assert payload["type"] == "task.completed"
+    assert payload["data"] == api.task(task["id"]) and payload["data"]["status"] == "COMPLETED"
+
+
+def test_a_task_a_worker_fails_is_delivered(app, api, hooks, receiver, fake_provider):
+    _, secret = endpoint_for(app, api, receiver.url, ALL_TASK_EVENTS)
+    prompt = "Refused by the provider (delivered)"
+    fake_provider.script(prompt, {"status": 400, "message": "bad request"})
+    task = api.submit(prompt)
+    work(app)
+    (payload,) = delivered(app, receiver, secret)
+    assert payload["type"] == "task.failed"
+    assert payload["data"] == api.task(task["id"]) and payload["data"]["status"] == "FAILED"
+
+
+def test_a_task_taken_back_for_good_by_the_sweeper_is_delivered(app, api, hooks, receiver):
+    _, secret = endpoint_for(app, api, receiver.url, ALL_TASK_EVENTS)
+    task = api.submit()
+    with app.app_context():
+        db.session.execute(update(Task).where(Task.id == task["id"]).values(max_attempts=1))
+        db.session.commit()
+        attempts.claim(task["id"])  # a worker took its only attempt... and died
+        db.session.execute(
+            update(Task).where(Task.id == task["id"]).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+        db.session.commit()
+        assert sweep().failed == [task["id"]]
+    (payload,) = delivered(app, receiver, secret)
+    assert payload["type"] == "task.failed" and "stopped responding" in payload["data"]["error"]
+
+
+def test_cancelled_tasks_are_delivered_by_the_user_and_by_an_admin(app, api, hooks, receiver):
+    _, secret = endpoint_for(app, api, receiver.url, ALL_TASK_EVENTS)
+    mine, theirs = api.submit(), api.submit()
+    assert api.post(f"/tasks/{mine['id']}/cancel").status_code == 200
+    with app.app_context():
+        assert admin.apply("cancel", admin.TaskFilter(), theirs["id"]) == 1
+    payloads = delivered(app, receiver, secret, 2)
+    assert sorted((p["data"]["id"], p["type"], p["data"]["error"]) for p in payloads) == [
+        (mine["id"], "task.cancelled", "Cancelled by the user."),
+        (theirs["id"], "task.cancelled", "Cancelled by an administrator."),
+    ]
+
+
+def test_a_cancel_that_rolls_back_writes_no_delivery(app, api, hooks, receiver):
+    endpoint_for(app, api, receiver.url, ALL_TASK_EVENTS)
+    task = api.submit()
+    with app.app_context():
+        connection = db.engine.connect()
+        transaction = connection.begin()
+        (row,) = lifecycle.cancel_rows(connection, [Task.id == task["id"]], by="user")
+        assert row["status"] == "CANCELLED"
+        assert connection.scalar(select(func.count()).select_from(WebhookDelivery)) == 1  # written, in the change
+        transaction.rollback()
+        connection.close()
+    deliver_all(app)
+    assert deliveries(app) == [] and receiver.received == []
+    assert api.task(task["id"])["status"] == "PENDING"

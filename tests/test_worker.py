@@ -16,11 +16,11 @@ from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
-from jobs import progress
 from jobs.limits import model_limits
 from jobs.sweeper import sweep
 from jobs.worker import TaskWorker, WatchdogDeathPenalty, make_worker, watchdog
 from tests.helpers import ROOT, redis_conn, task_row, wait_for, work
+from webapp.lifecycle import attempts
 from webapp.queues import QUEUE_NAMES
 
 
@@ -211,7 +211,7 @@ def test_a_dead_thread_hands_its_task_back(app, api, monkeypatch, caplog):
         if deaths:
             return perform_job(self, job, queue, execution)
         deaths.append(job.id)
-        progress.claim(int(job.args[0]), job.id)
+        attempts.claim(int(job.args[0]), job.id)
         raise SystemError("the thread dies")
 
     monkeypatch.setattr(TaskWorker, "perform_job", dies_once)

@@ -62,7 +62,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.config.update(overrides or {})
     if not 1 <= app.config["PROMPT_MAX_CHARS"] <= PROMPT_CEILING:
         raise ValueError(f"PROMPT_MAX_CHARS must be between 1 and {PROMPT_CEILING:,}")
-    from .services.outbox import parse_delays
+    from .outbox import parse_delays
 
     parse_delays(app.config["WEBHOOK_RETRY_DELAYS"])  # a bad value stops the start, not the first retry
     app.config["DEFAULT_MONTHLY_BUDGET_USD"] = cfg.monthly_budget(app.config["DEFAULT_MONTHLY_BUDGET_USD"])

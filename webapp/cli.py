@@ -12,9 +12,9 @@ from .errors import AppError
 from .extensions import db
 from .logs import setup_logging
 from .models import User
+from .outbox import QUEUE as WEBHOOK_QUEUE
 from .queues import QUEUE_NAMES
 from .services import accounts
-from .services.outbox import QUEUE as WEBHOOK_QUEUE
 
 users = AppGroup("users", help="Manage users.")
 tokens = AppGroup("tokens", help="Manage API tokens.")

@@ -37,7 +37,7 @@ class AppCollector:
         yield gauge
 
     def _webhook_gauges(self) -> Iterator[Metric]:
-        from .services.outbox import oldest_pending_age
+        from .outbox import oldest_pending_age
 
         gauge = GaugeMetricFamily(
             "atr_webhook_oldest_undelivered_seconds", "Age of the oldest webhook event not delivered yet (0: none)."

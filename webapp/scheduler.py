@@ -2,7 +2,7 @@
 
 It runs the sweeper every SWEEP_INTERVAL, and the retention cleanup and the purge of idle
 sign-ins every CLEANUP_INTERVAL, all once at start; the webhook outbox's sweep and cleanup
-(`services/outbox.py`) ride along. A pass that fails (Redis or the database away) is logged
+(`webapp/outbox.py`, `services/retention.py`) ride along. A pass that fails (Redis or the database away) is logged
 and the loop goes on: the next pass may find them back.
 """
 
@@ -17,9 +17,10 @@ from flask import current_app
 
 from jobs.sweeper import sweep
 
+from . import outbox
 from .extensions import db
-from .services import batches, outbox
-from .services.retention import cleanup
+from .services import batches
+from .services.retention import cleanup, cleanup_deliveries
 from .services.sessions import purge_idle
 
 log = logging.getLogger("scheduler")
@@ -34,7 +35,7 @@ def run_scheduler() -> None:
         (purge_idle, config["CLEANUP_INTERVAL"]),
         # Webhook deliveries whose job Redis lost, and deliveries past RETENTION_DAYS.
         (outbox.sweep, config["SWEEP_INTERVAL"]),
-        (outbox.cleanup, config["CLEANUP_INTERVAL"]),
+        (cleanup_deliveries, config["CLEANUP_INTERVAL"]),
         # Batches whose intake job was lost, whose lines have all finished, or whose window ran out.
         (batches.sweep, config["SWEEP_INTERVAL"]),
         (batches.cleanup, config["CLEANUP_INTERVAL"]),

@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 
 from .extensions import db
 from .models import FINISHED, Task
-from .services.outbox import task_object
+from .outbox import task_object
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from .. import batch_content
 from ..batch_models import Batch, BatchLineError, BatchStatus, StoredFile, new_file_id
 from ..extensions import db
 from ..models import UNFINISHED, Task, TaskStatus, utcnow
+from .hooks import _changed
 
 _batches = Batch.__table__
 _tasks = Task.__table__
@@ -174,7 +175,7 @@ def ended(
 def stop_tasks(connection: Connection, batch_id: str, kind: str, message: str) -> int:
     """Cancel a batch's unfinished tasks (queued ones never start; a running one stops at its next write)."""
     now = utcnow()
-    result = connection.execute(
+    statement = (
         update(_tasks)
         .where(_tasks.c.batch_id == batch_id, _tasks.c.status.in_(UNFINISHED))
         .values(
@@ -185,8 +186,9 @@ def stop_tasks(connection: Connection, batch_id: str, kind: str, message: str) -
             finished_at=now,
             updated_at=now,
         )
+        .returning(*_tasks.c)
     )
-    return result.rowcount
+    return len(_changed(connection, statement))  # the cancelled rows go to hooks._finished
 
 
 def cancelling(connection: Connection, batch_id: str) -> bool:

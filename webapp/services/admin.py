@@ -8,28 +8,26 @@ no longer match and are left alone; the result says how many were acted on.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
 
-from flask import current_app
-from redis.exceptions import RedisError
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select
 
+from .. import lifecycle
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..extensions import db
-from ..models import FINISHED, UNFINISHED, Task, TaskStatus, User, utcnow
-from ..queues import enqueue_task, new_job_id, redis
+from ..models import UNFINISHED, Task, TaskStatus, User, utcnow
+from ..queues import redis
 from . import accounts, sessions, stats
-from .tasks import _drop_job, job_timeout, text_problem
+from .tasks import text_problem
 
 log = logging.getLogger(__name__)
 
 ACTIONS = {
     # action: (statuses it applies to, past tense for the result)
-    "retry": ((TaskStatus.FAILED.value, TaskStatus.CANCELLED.value), "retried"),
+    "retry": (lifecycle.REOPENABLE, "retried"),
     "cancel": (UNFINISHED, "cancelled"),
     "delete": (tuple(TaskStatus.__members__), "deleted"),
 }
@@ -155,70 +153,15 @@ def apply(action: str, task_filter: TaskFilter, up_to_id: int) -> int:
 
 
 def _retry(ids: list[int], where: list) -> int:
-    rows = db.session.execute(
-        update(Task)
-        .where(Task.id.in_(ids), *where)
-        .values(
-            status=TaskStatus.PENDING.value,
-            progress=0,
-            result=None,
-            error=None,
-            error_kind=None,
-            prompt_tokens=None,
-            completion_tokens=None,
-            finish_reason=None,
-            started_at=None,
-            finished_at=None,
-            run_after=None,
-            # Attempts keep counting (they fence stale workers); the budget moves up instead.
-            max_attempts=Task.attempts + current_app.config["TASK_MAX_ATTEMPTS"],
-        )
-        .returning(Task.id, Task.priority, Task.model)
-        .execution_options(synchronize_session=False)
-    ).all()
-    jobs = {task_id: new_job_id(task_id) for task_id, _, _ in rows}
-    if jobs:
-        # In the same transaction: each reopened row names its new job from the start.
-        db.session.execute(update(Task), [{"id": task_id, "job_id": job_id} for task_id, job_id in jobs.items()])
-    db.session.commit()
-    for task_id, priority, model in rows:
-        with contextlib.suppress(RedisError):  # committed as PENDING: the sweeper enqueues it
-            enqueue_task(task_id, priority, job_timeout(model), job_id=jobs[task_id])
-    return len(rows)
+    return lifecycle.reopen([Task.id.in_(ids), *where])
 
 
 def _cancel(ids: list[int], where: list) -> int:
-    rows = db.session.execute(
-        update(Task)
-        .where(Task.id.in_(ids), *where)
-        .values(
-            status=TaskStatus.CANCELLED.value,
-            error="Cancelled by an administrator.",
-            error_kind="cancelled",
-            lease_expires_at=None,
-            finished_at=utcnow(),
-        )
-        .returning(Task.job_id)
-        .execution_options(synchronize_session=False)
-    ).all()
-    db.session.commit()
-    for (job_id,) in rows:
-        _drop_job(job_id)
-    return len(rows)
+    return len(lifecycle.cancel([Task.id.in_(ids), *where], by="admin"))
 
 
 def _delete(ids: list[int], where: list) -> int:
-    rows = db.session.execute(
-        delete(Task)
-        .where(Task.id.in_(ids), *where)
-        .returning(Task.job_id, Task.status)
-        .execution_options(synchronize_session=False)
-    ).all()
-    db.session.commit()
-    for job_id, status in rows:
-        if status not in FINISHED:
-            _drop_job(job_id)
-    return len(rows)
+    return len(lifecycle.delete_tasks([Task.id.in_(ids), *where]))
 
 
 # Users

@@ -14,7 +14,6 @@ tokens plus its max_tokens. A task whose chain is free holds nothing and is neve
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime
@@ -26,13 +25,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from .. import money
-from ..catalog import ModelSpec, catalog
+from ..catalog import catalog
 from ..errors import BudgetExceededError, ValidationError
 from ..extensions import db
 from ..models import TaskStatus, UsageDay, UsageMonth, User, utcnow
+from ..tokens import MESSAGE_OVERHEAD_TOKENS, answer_tokens, estimate_prompt_tokens  # noqa: F401 (callers use them here)
 
-# Tokens a chat template adds around each message (role markers), counted into the estimate.
-MESSAGE_OVERHEAD_TOKENS = 8
 _months = UsageMonth.__table__
 _days = UsageDay.__table__
 
@@ -44,23 +42,6 @@ def default_budget() -> Decimal | None:
 def budget_of(user: User) -> Decimal | None:
     """Return the user's monthly budget in dollars, or None for no limit."""
     return user.budget(default_budget())
-
-
-def estimate_prompt_tokens(prompt: str, system: str | None = None) -> int:
-    """Return a generous estimate of a prompt's tokens: one per 3 bytes of UTF-8, plus the template's.
-
-    Tokenisers give English about 4 characters a token and CJK text about one a character (3
-    bytes); a third of the bytes covers both, so a reservation rarely falls short of the cost.
-    """
-    messages = [text for text in (system, prompt) if text]
-    return sum(math.ceil(len(text.encode("utf-8", "surrogatepass")) / 3) for text in messages) + (
-        MESSAGE_OVERHEAD_TOKENS * len(messages)
-    )
-
-
-def answer_tokens(spec: ModelSpec, params: dict) -> int:
-    """Return the most tokens `spec` may write for a task: its max_tokens, within the model's cap."""
-    return min(params.get("max_tokens") or spec.default_max_tokens, spec.max_tokens)
 
 
 def reservation(model: str, prompt: str, params: dict) -> Decimal:

@@ -1,7 +1,7 @@
-"""Retention: finished tasks older than RETENTION_DAYS are deleted, in batches.
+"""Retention: finished tasks and webhook deliveries older than RETENTION_DAYS are deleted, in batches.
 
 Only COMPLETED, FAILED and CANCELLED tasks whose `finished_at` is past the cut-off go; unfinished
-tasks are never touched, however old. Each batch is one short transaction through the
+tasks are never touched, however old; nor are deliveries still pending. Each batch is one short transaction through the
 (status, finished_at) index, so a million-row backlog does not hold long locks.
 """
 
@@ -16,6 +16,7 @@ from sqlalchemy import delete, select
 from ..extensions import db
 from ..models import FINISHED, Task, utcnow
 from ..queues import redis
+from ..webhook_models import DeliveryStatus, WebhookDelivery
 from . import stats
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,19 @@ def cleanup(batch: int = BATCH) -> int:
     if deleted:
         log.info("retention: deleted %s finished tasks older than %s days", deleted, days)
         stats.forget(redis())
+    return deleted
+
+
+def cleanup_deliveries(batch: int = BATCH) -> int:
+    """Delete finished webhook deliveries older than RETENTION_DAYS (0 keeps them); return how many."""
+    days = current_app.config["RETENTION_DAYS"]
+    if days <= 0:
+        return 0
+    cutoff = utcnow() - timedelta(days=days)
+    finished = (WebhookDelivery.status != DeliveryStatus.PENDING.value, WebhookDelivery.created_at < cutoff)
+    deleted = delete_in_batches(WebhookDelivery.id, finished, batch)
+    if deleted:
+        log.info("retention: deleted %s webhook deliveries older than %s days", deleted, days)
     return deleted
 
 

@@ -11,21 +11,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from flask import current_app
-from redis.exceptions import RedisError
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
-from sqlalchemy import bindparam, delete, select, text, update
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 
-from .. import metrics
+from .. import lifecycle, metrics
 from ..catalog import ModelSpec, catalog
 from ..errors import ConflictError, RateLimitedError, TaskNotFoundError, ValidationError
 from ..extensions import db
 from ..models import MAX_ID, UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
-from ..queues import enqueue_task, new_job_id, redis
 from ..ratelimits import rate_limits
 from ..text import text_problem  # noqa: F401 (pages and services import it from here)
-from .budgets import MESSAGE_OVERHEAD_TOKENS, answer_tokens, estimate_prompt_tokens
+from ..tokens import context_problem
 
 log = logging.getLogger(__name__)
 
@@ -115,44 +111,6 @@ def validate_submission(
     return Submission(prompt=prompt, model=name, priority=priority, params=params)
 
 
-def context_problem(spec: ModelSpec, prompt: str, params: dict) -> str | None:
-    """Return why the prompt and its longest answer cannot fit the model's context window, or None.
-
-    The prompt's size is the budgets' generous estimate (a token per 3 bytes): a prompt near the
-    edge is refused rather than failing on every attempt with the provider's message.
-    """
-    window = spec.context_window
-    if window is None:
-        return None
-    prompt_tokens = estimate_prompt_tokens(prompt, params.get("system"))
-    answer = answer_tokens(spec, params)
-    if prompt_tokens + answer <= window:
-        return None
-    system = params.get("system")
-    # Tokens left for the prompt itself, and the characters (a token per 3 bytes) that makes.
-    room = window - answer - MESSAGE_OVERHEAD_TOKENS - (estimate_prompt_tokens(system) if system else 0)
-    fix = f"Shorten the prompt to about {room * 3:,} characters, lower max tokens," if room > 0 else "Lower max tokens"
-    return (
-        f"The prompt is about {prompt_tokens:,} tokens (estimated) and the answer may take {answer:,} "
-        f"(max tokens), but model {spec.name} has a context window of {window:,} tokens for both. "
-        f"{fix} or pick a model with a larger context."
-    )
-
-
-def job_timeout(model: str) -> int:
-    """Return RQ's hard limit for one attempt: the model's budget plus room to write the result."""
-    spec = catalog().get(model)
-    return int((spec.timeout if spec else 300) + 60)
-
-
-def _enqueue(task: Task) -> None:
-    """Enqueue a committed task under its recorded job id; if Redis is down the sweeper does it later."""
-    try:
-        enqueue_task(task.id, task.priority, job_timeout(task.model), job_id=task.job_id)
-    except RedisError as exc:
-        log.warning("task %s committed but not enqueued (%s); the sweeper will enqueue it", task.id, exc)
-
-
 def submit(user: User, submission: Submission, idempotency_key: str | None = None) -> tuple[Task, bool]:
     """Record a task as PENDING, commit, then enqueue it. Return (task, created).
 
@@ -165,31 +123,21 @@ def submit(user: User, submission: Submission, idempotency_key: str | None = Non
             return existing, False  # a replay is free: it runs nothing
     check_limits(user)
 
-    task = Task(
-        user_id=user.id,
-        prompt=submission.prompt,
-        model=submission.model,
-        priority=submission.priority,
-        params=submission.params,
-        status=TaskStatus.PENDING.value,
-        max_attempts=current_app.config["TASK_MAX_ATTEMPTS"],
-    )
-    db.session.add(task)
-    db.session.flush()  # assigns the id, in the same transaction
-    # The job id is recorded before the commit, so the row names its job from the start.
-    task.job_id = new_job_id(task.id)
-    if idempotency_key:
-        db.session.add(IdempotencyKey(user_id=user.id, key=idempotency_key, request_hash=fingerprint, task_id=task.id))
     try:
-        db.session.commit()
+        task = lifecycle.submit(
+            user,
+            submission.prompt,
+            submission.model,
+            submission.priority,
+            submission.params,
+            idempotency=(idempotency_key, fingerprint) if idempotency_key else None,
+        )
     except IntegrityError:
         # Another request with the same key won the race: answer as it did.
-        db.session.rollback()
         existing = _replay(user, idempotency_key, fingerprint) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
-    _enqueue(task)
     metrics.submitted(task.model)
     return task, True
 
@@ -372,78 +320,26 @@ def _exists(query) -> bool:
 def cancel(user: User, task_id: int) -> Task:
     """Cancel a PENDING or PROCESSING task; a running worker notices at its next write."""
     task = get_task(user, task_id)
-    now = utcnow()
-    result = db.session.execute(
-        update(Task)
-        .where(Task.id == task.id, Task.status.in_(UNFINISHED))
-        .values(
-            status=TaskStatus.CANCELLED.value,
-            error="Cancelled by the user.",
-            error_kind="cancelled",
-            lease_expires_at=None,
-            finished_at=now,
-        )
-    )
-    db.session.commit()
+    cancelled = lifecycle.cancel([Task.id == task.id], by="user")
     db.session.refresh(task)
-    if result.rowcount == 0:
+    if not cancelled:
         raise ConflictError(f"Task {task.id} is already {task.status} and cannot be cancelled.")
-    _drop_job(task.job_id)
     return task
-
-
-def _drop_job(job_id: str | None) -> None:
-    """Take a cancelled task's job out of its queue, if Redis still has it (best effort)."""
-    if not job_id:
-        return
-    try:
-        job = Job.fetch(job_id, connection=redis())
-        if job.get_status(refresh=False) in ("queued", "scheduled", "deferred"):
-            job.cancel()
-    except (NoSuchJobError, RedisError):
-        pass
-    except Exception:  # rq raises InvalidJobOperation and friends; none of it matters here.
-        log.debug("could not drop job %s", job_id, exc_info=True)
 
 
 def retry(user: User, task_id: int) -> Task:
     """Run a FAILED or CANCELLED task again, with a fresh set of attempts (a submission for the limits)."""
     task = get_task(user, task_id)
-    if task.status in (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value):
+    if task.status in lifecycle.REOPENABLE:
         check_limits(user)
-    result = db.session.execute(
-        update(Task)
-        .where(Task.id == task.id, Task.status.in_((TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)))
-        .values(
-            status=TaskStatus.PENDING.value,
-            progress=0,
-            result=None,
-            error=None,
-            error_kind=None,
-            prompt_tokens=None,
-            completion_tokens=None,
-            finish_reason=None,
-            started_at=None,
-            finished_at=None,
-            run_after=None,
-            # Attempts keep counting (they fence stale workers); the budget moves up instead.
-            max_attempts=Task.attempts + current_app.config["TASK_MAX_ATTEMPTS"],
-            job_id=new_job_id(task.id),
-        )
-    )
-    db.session.commit()
+    reopened = lifecycle.reopen([Task.id == task.id])
     db.session.refresh(task)
-    if result.rowcount == 0:
+    if not reopened:
         raise ConflictError(f"Task {task.id} is {task.status}; only FAILED or CANCELLED tasks can be retried.")
-    _enqueue(task)
     return task
 
 
 def delete_task(user: User, task_id: int) -> None:
     """Delete a task, cancelling it first if it is still running."""
     task = get_task(user, task_id)
-    job_id, unfinished = task.job_id, task.status in UNFINISHED
-    db.session.execute(delete(Task).where(Task.id == task.id))
-    db.session.commit()
-    if unfinished:
-        _drop_job(job_id)
+    lifecycle.delete_tasks([Task.id == task.id])

@@ -1,7 +1,7 @@
 """What users do with webhook endpoints: add, list, delete, rotate a secret, test, resend.
 
 Pages and API both call these. The outbox itself (deliveries written with the change they tell
-of) is `services/outbox.py`; the tries are `jobs/deliver.py`.
+of) is `webapp/outbox.py`; the tries are `jobs/deliver.py`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from datetime import timedelta
 from flask import current_app
 from sqlalchemy import func, select
 
+from .. import outbox
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..extensions import db
 from ..models import User, utcnow
 from ..netguard import RefusedError, check_url
 from ..webhook_models import EVENT_TYPES, TEST_EVENT, DeliveryStatus, WebhookDelivery, WebhookEndpoint
-from . import outbox
 from .tasks import text_problem
 
 SECRET_BYTES = 32

@@ -22,11 +22,10 @@ from flask import current_app
 from redis.exceptions import RedisError
 from sqlalchemy import Connection, event, func, insert, or_, select
 
-from ..extensions import db
-from ..models import Task, _iso, utcnow
-from ..queues import get_queue
-from ..webhook_models import DeliveryStatus, WebhookDelivery, WebhookEndpoint
-from .retention import delete_in_batches
+from .extensions import db
+from .models import Task, _iso, utcnow
+from .queues import get_queue
+from .webhook_models import DeliveryStatus, WebhookDelivery, WebhookEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -181,19 +180,6 @@ def sweep(limit: int = 1000) -> int:
     if ids:
         log.info("webhooks: %s overdue deliveries enqueued again", len(ids))
     return len(ids)
-
-
-def cleanup(batch: int = 5000) -> int:
-    """Delete finished deliveries older than RETENTION_DAYS (0 keeps them); return how many."""
-    days = current_app.config["RETENTION_DAYS"]
-    if days <= 0:
-        return 0
-    cutoff = utcnow() - timedelta(days=days)
-    finished = (_deliveries.c.status != DeliveryStatus.PENDING.value, _deliveries.c.created_at < cutoff)
-    deleted = delete_in_batches(_deliveries.c.id, finished, batch)
-    if deleted:
-        log.info("retention: deleted %s webhook deliveries older than %s days", deleted, days)
-    return deleted
 
 
 def oldest_pending_age() -> float:

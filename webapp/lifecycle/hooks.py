@@ -1,0 +1,60 @@
+"""What else happens, in the same transaction, when a task is accepted, finishes or is deleted.
+
+Every path of the lifecycle that changes a task this way calls one of these, on the connection
+of its own transaction, before that transaction commits: what they write commits with the
+change or not at all. Add to them here (never at a call site):
+
+- `_accepted(connection, user, task)`: at submit, after the row is inserted (flushed, so it has
+  its id). Raising refuses the submission: the caller rolls back and nothing is written.
+- `_finished(connection, rows)`: rows (mappings of every `tasks` column, as RETURNING gives
+  them) that just reached COMPLETED, FAILED or CANCELLED. Each ending is reported once: the
+  status change's fence lets a row end only once.
+- `_reopened(connection, rows)`: rows (every column, as they were reopened: PENDING, with their
+  fresh attempts) of FAILED or CANCELLED tasks a user or an admin runs again.
+- `_removed(connection, rows)`: rows (every column) just deleted by a user or an admin, before
+  they finished or after.
+
+`_changed(connection, statement)` runs a status change that RETURNING every column and hands
+the rows that ended to `_finished`: the transitions that may end a task go through it.
+
+Work that must wait for the commit (enqueueing jobs) registers itself on the connection's
+commit event, as `webapp.outbox.enqueue_at_commit` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from sqlalchemy import Connection, RowMapping
+
+from .. import outbox
+from ..models import FINISHED, Task, User
+
+
+def _changed(connection: Connection, statement, params: dict | None = None) -> list[RowMapping]:
+    """Run a status change (… RETURNING every column) in the caller's transaction; return its rows.
+
+    The rows that reached a final status go to `_finished`, in the same transaction.
+    """
+    rows = connection.execute(statement, params or {}).mappings().all()
+    _finished(connection, rows)
+    return rows
+
+
+def _accepted(connection: Connection, user: User, task: Task) -> None:
+    """A task was just inserted PENDING (not committed yet)."""
+
+
+def _finished(connection: Connection, rows: Iterable[Mapping]) -> None:
+    """Tasks just reached a final status: tell their owners' webhook endpoints (outbox rows)."""
+    ended = [dict(row) for row in rows if row["status"] in FINISHED]
+    if ended:
+        outbox.record_task_events(connection, ended)
+
+
+def _reopened(connection: Connection, rows: Iterable[Mapping]) -> None:
+    """Finished tasks were just made PENDING again (nothing to do yet)."""
+
+
+def _removed(connection: Connection, rows: Iterable[Mapping]) -> None:
+    """Tasks were just deleted (nothing to do yet)."""
