@@ -58,6 +58,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     # Tokens are per user for admins too: nobody revokes another's token.
     ("POST", "/tokens/<id:token_id>/revoke"): ("/tokens/{token}/revoke", {**OWNED_PAGE, "admin": 404}),
     ("GET", "/static/<path:filename>"): ("/static/app.js", PUBLIC),
+    ("GET", "/favicon.ico"): ("/favicon.ico", PUBLIC),
     ("GET", "/metrics"): ("/metrics", ADMIN),
     ("GET", "/admin"): ("/admin", ADMIN),
     ("GET", "/admin/stats"): ("/admin/stats", ADMIN),
@@ -102,6 +103,8 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     # The state-changing GET upstream answers is refused (a link or an <img> could trigger it).
     ("GET", "/admin/rq/requeue/<queue_name>"): ("/admin/rq/requeue/default", {**ADMIN, "admin": 405}),
     ("GET", "/api/v1/openapi.json"): ("/api/v1/openapi.json", PUBLIC),
+    ("GET", "/api/v1/docs"): ("/api/v1/docs", PUBLIC),
+    ("GET", "/api/v1/docs/ui/<path:filename>"): ("/api/v1/docs/ui/js/swagger-ui-bundle.js", PUBLIC),
     ("GET", "/api/v1/health"): ("/api/v1/health", PUBLIC),
     ("GET", "/api/v1/models"): ("/api/v1/models", API),
     ("GET", "/api/v1/usage"): ("/api/v1/usage", API),

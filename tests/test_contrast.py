@@ -34,10 +34,11 @@ browser, page, server, watch, worker = parts.browser, parts.page, parts.server, 
 
 AXE = Path(__file__).parent / "vendor" / "axe-4.14.1.min.js"
 AXE_SHA256 = "29348999450cdf2849a8e70b7912fc2da85a849da39c0d0d5394f51d4a9ed95c"
-# GET routes that are not pages a person opens: the API, files, the metrics text, partials that
+# GET routes that are not pages a person opens: the API and its docs (Swagger UI's stylesheet, not
+# ours), files, the metrics text, partials that
 # htmx swaps into a page checked here, the sign-out form's target, and rq-dashboard (its own
 # stylesheet, not ours; its pages are smoke-tested by tests/test_rq_dashboard_urls.py).
-NOT_PAGES = ("/api/", "/static/", "/metrics", "/admin/rq")
+NOT_PAGES = ("/api/", "/static/", "/favicon.ico", "/metrics", "/admin/rq")
 PARTIALS = {
     "/tasks/<id:task_id>/live",
     "/tasks/<id:task_id>/row",

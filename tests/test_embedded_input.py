@@ -93,7 +93,7 @@ def test_env(models_file, instance, valkey_url) -> dict[str, str]:
         RETRY_BASE_SECONDS="0.01",
         RETRY_MAX_SECONDS="0.05",
         RATELIMIT_ENABLED="false",
-        PYTHONPATH=str(ROOT),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     return env
 

@@ -126,6 +126,12 @@ def _is_htmx() -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
+@bp.get("/favicon.ico")
+def favicon():
+    """The site's icon where every browser looks for it (pages link to it too)."""
+    return current_app.send_static_file("favicon.ico")
+
+
 # -- signing in and out -------------------------------------------------------------------------
 
 
