@@ -29,13 +29,12 @@ from datetime import datetime, timedelta
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Worker
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from sqlalchemy import Integer, cast, func, select, text
 
 from ..extensions import db
 from ..models import FINISHED, UNFINISHED, Task, TaskStatus, User, utcnow
-from ..queues import QUEUE_NAMES, get_queue
+from ..queues import QUEUE_NAMES, get_queue, live_workers
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +362,7 @@ def queue_depths(connection: Redis) -> list[QueueDepth]:
 
 
 def workers_online(connection: Redis) -> int:
-    return Worker.count(connection=connection)
+    return len(live_workers(connection))
 
 
 def _summarise(day: dict, now: datetime):
