@@ -149,6 +149,33 @@ def context_problem(spec: ModelSpec, prompt: str, params: dict) -> str | None:
     )
 
 
+@dataclass(frozen=True)
+class LinePlace:
+    """Where a PENDING task waits for its model: tasks ahead of it, and the model's slots in use."""
+
+    model: str
+    ahead: int
+    in_use: int
+    concurrency: int
+
+
+def line_place(task: Task) -> LinePlace | None:
+    """Return the task's place in its model's line (jobs/limits.py), or None when it is not waiting in one."""
+    spec = catalog().get(task.model)
+    if task.status != TaskStatus.PENDING.value or spec is None or not spec.concurrency:
+        return None
+    from jobs.limits import model_limits
+
+    try:
+        limits = model_limits()
+        ahead = limits.ahead_of(spec.name, task.id)
+        if ahead is None:
+            return None
+        return LinePlace(spec.name, ahead, limits.in_flight(spec.name), spec.concurrency)
+    except RedisError:
+        return None  # the page says "waiting" without the detail
+
+
 def job_timeout(model: str) -> int:
     """Return RQ's hard limit for one attempt: the model's budget plus room to write the result."""
     spec = catalog().get(model)
