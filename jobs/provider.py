@@ -80,11 +80,15 @@ def warm_clients(specs, pool_size: int) -> None:
 
 def build_request(spec: ModelSpec, prompt: str, params: dict) -> dict:
     """Return the chat-completions request for a task."""
-    messages = []
-    if params.get("system"):
-        messages.append({"role": "system", "content": params["system"]})
-    messages.append({"role": "user", "content": prompt})
+    # A batch line's chat (system, user and assistant turns) is sent whole, as it came.
+    messages = list(params.get("messages") or [])
+    if not messages:
+        if params.get("system"):
+            messages.append({"role": "system", "content": params["system"]})
+        messages.append({"role": "user", "content": prompt})
     temperature = params.get("temperature")
+    # Parameters a batch line passes on (top_p, stop, seed, ...: jobs/batch_intake.py).
+    extra_body = {**(spec.extra_body or {}), **(params.get("extra") or {})}
     return {
         "model": spec.upstream,
         "messages": messages,
@@ -92,7 +96,7 @@ def build_request(spec: ModelSpec, prompt: str, params: dict) -> dict:
         "temperature": spec.temperature if temperature is None else temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
-        "extra_body": spec.extra_body or None,
+        "extra_body": extra_body or None,
     }
 
 

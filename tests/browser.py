@@ -9,19 +9,18 @@ themselves `pytestmark = needs_chromium`.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from rq import Worker
-from werkzeug.serving import make_server
 
-from tests.helpers import PASSWORD, ROOT, redis_conn, task_row
+from tests import servers
+from tests.helpers import PASSWORD, task_row
+
+# The app in a server thread and a worker process (tests/servers.py), taken by name as before.
+server, worker = servers.server, servers.worker
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
@@ -44,44 +43,6 @@ sync_api = pytest.importorskip("playwright.sync_api")
 
 expect = sync_api.expect
 expect.set_options(timeout=15_000)
-
-
-@pytest.fixture(scope="module")
-def server(app):
-    """The app in a real threaded HTTP server on a free port."""
-    httpd = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=httpd.serve_forever, name="browser-test-server", daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
-    thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def worker(app, test_env, tmp_path_factory):
-    """A real `flask worker` process on the tests' database, Redis and model catalog."""
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "wsgi", "worker"],
-            cwd=ROOT,
-            env=test_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while not Worker.all(connection=redis_conn()):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the worker did not start:\n{log_path.read_text()}")
-            time.sleep(0.1)
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ ROUTES is the table the authorization matrix, the CSRF tests and the page fuzzer
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from tests.helpers import ApiClient, csrf_from, login, make_user, task_row
 from webapp.extensions import db
 from webapp.models import User, utcnow
-from webapp.services import accounts, outbox
+from webapp.services import accounts, batches, files, outbox
 from webapp.services.webhooks import new_secret
 from webapp.webhook_models import WebhookDelivery, WebhookEndpoint
 
@@ -111,6 +112,17 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ("DELETE", "/api/v1/tasks/<int:task_id>"): ("/api/v1/tasks/{pending}", OWNED_API),
     # A finished task's stream ends at once.
     ("GET", "/api/v1/tasks/<int:task_id>/events"): ("/api/v1/tasks/{cancelled}/events", OWNED_API),
+    # Files and batches are per user for admins too: another's answers 404.
+    ("POST", "/api/v1/files"): ("/api/v1/files", API),
+    ("GET", "/api/v1/files"): ("/api/v1/files", API),
+    ("GET", "/api/v1/files/<file_id>"): ("/api/v1/files/{file}", {**OWNED_API, "admin": 404}),
+    ("GET", "/api/v1/files/<file_id>/content"): ("/api/v1/files/{file}/content", {**OWNED_API, "admin": 404}),
+    ("DELETE", "/api/v1/files/<file_id>"): ("/api/v1/files/{spare_file}", {**OWNED_API, "admin": 404}),
+    # The body names alice's fresh file: only she may make a batch of it.
+    ("POST", "/api/v1/batches"): ("/api/v1/batches", {**OWNED_API, "admin": 404}),
+    ("GET", "/api/v1/batches"): ("/api/v1/batches", API),
+    ("GET", "/api/v1/batches/<batch_id>"): ("/api/v1/batches/{batch}", {**OWNED_API, "admin": 404}),
+    ("POST", "/api/v1/batches/<batch_id>/cancel"): ("/api/v1/batches/{batch}/cancel", {**OWNED_API, "admin": 404}),
     ("POST", "/api/v1/webhooks"): ("/api/v1/webhooks", API),
     ("GET", "/api/v1/webhooks"): ("/api/v1/webhooks", API),
     # Webhook endpoints are per user for admins too, like tokens.
@@ -145,7 +157,11 @@ FORMS = {
 JSON_BODIES = {
     "/api/v1/tasks": {"prompt": "from the matrix"},
     "/api/v1/webhooks": {"url": PUBLIC_URL, "events": ["batch.expired"]},
+    "/api/v1/batches": {"input_file_id": "{file}", "endpoint": "/v1/chat/completions", "completion_window": "24h"},
 }
+BATCH_LINE = b'{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}\n'
+# Multipart bodies, made afresh for each request (a file part is read once).
+API_FORMS = {"/api/v1/files": lambda: {"file": (io.BytesIO(BATCH_LINE), "matrix.jsonl"), "purpose": "batch"}}
 # Routes that end the caller's sign-in (all of them, for the second): the role signs in again after.
 ENDS_SIGN_IN = {"/logout", "/account/sign-out-everywhere"}
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
@@ -178,15 +194,20 @@ class World:
     target_id: int = 0
 
     def fresh(self) -> dict[str, object]:
-        """A PENDING task with a queued job, a CANCELLED task, an API token and a webhook endpoint, all alice's."""
+        """A PENDING task with a queued job, a CANCELLED task, an API token, a webhook endpoint, two
+        uploaded files and a batch of the first, all alice's."""
         owner = self.callers["user"]
         pending = owner_api(self).submit("fresh pending task")
         cancelled = owner_api(self).submit("fresh cancelled task")
         owner_api(self).post(f"/tasks/{cancelled['id']}/cancel")
         with self.app.app_context():
-            row, _ = accounts.create_token(db.session.get(User, owner.user_id), "fresh")
+            user = db.session.get(User, owner.user_id)
+            row, _ = accounts.create_token(user, "fresh")
             token_id = row.id
             endpoint_id, delivery_id = _webhook(owner.user_id)
+            file_id = files.store_upload(user, io.BytesIO(BATCH_LINE), "fresh.jsonl", "batch").id
+            spare_file_id = files.store_upload(user, io.BytesIO(BATCH_LINE), "spare.jsonl", "batch").id
+            batch_id = batches.create_batch(user, file_id, "/v1/chat/completions", "24h").id
         return {
             "pending": pending["id"],
             "cancelled": cancelled["id"],
@@ -195,6 +216,9 @@ class World:
             "target": self.target_id,
             "endpoint": endpoint_id,
             "delivery": delivery_id,
+            "file": file_id,
+            "spare_file": spare_file_id,
+            "batch": batch_id,
         }
 
 

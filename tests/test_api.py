@@ -10,6 +10,9 @@ from tests.helpers import api_client, error_of, redis_conn, work
 
 TASK_FIELDS = {
     "id",
+    "batch_id",
+    "custom_id",
+    "messages",
     "prompt",
     "model",
     "priority",

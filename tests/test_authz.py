@@ -16,6 +16,7 @@ without a valid token) and the check that the API takes no cookie as a credentia
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from rq import Queue
@@ -24,6 +25,7 @@ from sqlalchemy import text
 
 from tests.helpers import api_client, make_user, redis_conn, work
 from tests.routes import (
+    API_FORMS,
     ENDS_SIGN_IN,
     FORMS,
     JSON_BODIES,
@@ -56,7 +58,9 @@ def test_every_route_has_an_entry(app):
 def call(world: World, role: str, method: str, rule: str, *, session: bool | None = None, csrf: bool = True, **kw):
     """Call a route as `role`: pages with the session (and CSRF token), the API with the bearer token."""
     path_template, _ = ROUTES[(method, rule)]
-    path = path_template.format(**world.fresh()) if "{" in path_template else path_template
+    body = JSON_BODIES.get(path_template) if method == "POST" else None
+    fresh = world.fresh() if "{" in path_template or "{" in json.dumps(body or "") else {}
+    path = path_template.format(**fresh)
     caller = world.callers[role]
     api = path.startswith("/api/")
     use_session = (not api) if session is None else session
@@ -65,8 +69,11 @@ def call(world: World, role: str, method: str, rule: str, *, session: bool | Non
     if api and caller.token and not session:
         headers["Authorization"] = f"Bearer {caller.token}"
     options: dict = {"headers": headers, **kw}
-    if api and path in JSON_BODIES and method == "POST":
-        options.setdefault("json", JSON_BODIES[path])
+    if api and body is not None:
+        filled = {name: value.format(**fresh) if isinstance(value, str) else value for name, value in body.items()}
+        options.setdefault("json", filled)
+    elif api and path in API_FORMS and method == "POST":
+        options.setdefault("data", API_FORMS[path]())
     elif method in STATE_CHANGING and not api:
         data = dict(FORMS.get(path, {}))
         if csrf:

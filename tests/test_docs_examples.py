@@ -1,7 +1,8 @@
-"""The examples in docs/webhooks.md and docs/streams.md run as written, against the real app."""
+"""The examples in docs/webhooks.md, docs/streams.md and docs/batches.md run as written, against the real app."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import pytest
 from sqlalchemy import update
 from werkzeug.serving import make_server
 
+from tests import servers
 from tests.helpers import ROOT, free_port, wait_for
 from tests.receiver import deliver_all
 from webapp.extensions import db
@@ -20,6 +22,7 @@ from webapp.models import Task, utcnow
 from webapp.services import outbox
 
 _tasks = Task.__table__
+worker = servers.worker  # a real `flask worker` process (module-scoped)
 
 
 def example(doc: str, name: str) -> str:
@@ -96,3 +99,20 @@ def test_the_stream_examples_run_as_written(app, api, server, tmp_path):
     )
     assert python.returncode == 0, python.stderr
     assert python.stdout == "The capital of France is Paris.\n"
+
+
+def test_the_batch_example_runs_as_written(app, api, server, worker, tmp_path):
+    """docs/batches.md's ten lines of the `openai` SDK, against the app and a real worker."""
+    line = {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions"}
+    body = {"model": "fake", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    (tmp_path / "requests.jsonl").write_text(json.dumps({**line, "body": body}) + "\n")
+    (tmp_path / "batch.py").write_text(example("batches.md", "sdk"))
+    env = {**os.environ, "BASE": server, "TOKEN": api.token}
+    run = subprocess.run(
+        [sys.executable, "batch.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("completed 1 answers: ")
+    answer = json.loads(run.stdout.split("answers: ", 1)[1])
+    assert answer["custom_id"] == "q1"
+    assert answer["response"]["body"]["choices"][0]["message"]["content"] == "Echo: What is the capital of France?"

@@ -162,6 +162,25 @@ def test_a_body_over_the_limit_is_refused_by_the_proxy(proxy):
         assert read_all(sock).startswith(b"HTTP/1.1 413")
 
 
+def test_a_batch_file_may_be_larger_up_to_its_own_limit(proxy):
+    """/api/v1/files takes a 200 MiB file: a 3 MiB one reaches the app; past 201 MiB the proxy refuses."""
+    body = b"x" * (3 * 1024 * 1024)
+    with tls_socket(proxy) as sock:
+        sock.sendall(
+            f"POST /api/v1/files HTTP/1.1\r\nHost: {NAME}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]  # the app's answer: no token
+    with tls_socket(proxy) as sock:
+        sock.sendall(
+            f"POST /api/v1/files HTTP/1.1\r\nHost: {NAME}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {202 * 1024 * 1024}\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert read_all(sock).startswith(b"HTTP/1.1 413")
+
+
 def test_a_client_trickling_its_headers_is_cut_off(proxy):
     """The slowloris of the probe: a header line now and then, never the end of the headers."""
     sock = tls_socket(proxy)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from flask import Request, current_app
 from flask_openapi3 import Info, OpenAPI, SecurityScheme
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -16,8 +17,24 @@ from .schemas import PROMPT_CEILING, ErrorEnvelope
 __version__ = "0.1.0"
 
 
+class AppRequest(Request):
+    """A request whose body limit is the file limit on the views that take a whole file."""
+
+    @property
+    def max_content_length(self) -> int | None:
+        if self._max_content_length is None and self.endpoint in cfg.UPLOAD_ENDPOINTS and current_app:
+            return current_app.config["FILE_MAX_BYTES"] + cfg.UPLOAD_ENVELOPE_BYTES
+        return super().max_content_length
+
+    @max_content_length.setter
+    def max_content_length(self, value: int | None) -> None:
+        self._max_content_length = value
+
+
 class App(OpenAPI):
     """Flask with an OpenAPI registry; templates and static files live at the top of the repo."""
+
+    request_class = AppRequest
 
 
 def create_app(overrides: dict | None = None) -> App:
@@ -86,8 +103,8 @@ def create_app(overrides: dict | None = None) -> App:
 
     app.extensions["catalog"] = load_catalog(app.config)
 
-    from . import auth, cli, rq_dashboard  # noqa: F401 (auth registers the session user loader)
-    from .views import account, api, api_events, api_webhooks, errors, metrics, pages, usage, webhooks  # noqa: F401
+    from . import auth, batch_models, cli, rq_dashboard  # noqa: F401 (auth registers the session user loader)
+    from .views import account, api, api_batches, api_events, api_webhooks, errors, metrics, pages, usage, webhooks  # noqa: F401
     from .views import admin as admin_views
 
     if not app.config.get("TESTING"):

@@ -14,6 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTANCE = Path(os.environ.get("INSTANCE_PATH", ROOT / "instance"))
 
 
+# Views that take a whole file (a batch's JSONL or CSV): their bodies may be as large as
+# FILE_MAX_BYTES plus room for the multipart envelope; every other body keeps MAX_CONTENT_LENGTH.
+UPLOAD_ENDPOINTS = frozenset({"api.create_file", "batches.upload"})
+UPLOAD_ENVELOPE_BYTES = 1024 * 1024
+
+
 class Config:
     """Embedded defaults: a fresh machine needs no configuration at all."""
 
@@ -129,6 +135,14 @@ class Config:
     WEBHOOK_SECRET_OVERLAP_HOURS = 24
     # Deliveries one webhook worker process sends at once (`flask worker webhooks`), each in a thread.
     WEBHOOK_CONCURRENCY = 16
+    # Batches (docs/batches.md): an uploaded file's limits, in bytes and lines.
+    FILE_MAX_BYTES = 200 * 1024 * 1024
+    FILE_MAX_LINES = 50_000
+    FILE_LINE_MAX_BYTES = 1024 * 1024
+    # Batches a user may have unfinished (validating, in progress, finalizing) at once; 0: no limit.
+    BATCH_MAX_ACTIVE = 10
+    # The priority of a batch's tasks: the low lane (1-3), behind interactive work.
+    BATCH_PRIORITY = 2
     # Event streams (GET /api/v1/tasks/<id>/events) one web process holds at once; each holds a
     # gunicorn thread, so this stays below the threads (gunicorn.conf.py, WEB_THREADS) to leave
     # threads for pages. One more is refused with 503 and Retry-After.

@@ -61,3 +61,10 @@ class BudgetExceededError(AppError):
 
     status = 402
     code = "budget_exceeded"
+
+
+class PayloadTooLargeError(AppError):
+    """An upload over a limit of its own (a file over FILE_MAX_BYTES)."""
+
+    status = 413
+    code = "payload_too_large"

@@ -14,6 +14,7 @@ import re
 
 from flask import Flask, current_app, request
 
+from .config import UPLOAD_ENDPOINTS
 from .errors import ValidationError
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
@@ -42,8 +43,8 @@ def json_depth(data: bytes, limit: int) -> int:
 
 def refuse_deep_json() -> None:
     """Refuse (422) an API request whose JSON body nests deeper than JSON_MAX_DEPTH."""
-    if not request.path.startswith("/api/") or not request.is_json:
-        return
+    if not request.path.startswith("/api/") or not request.is_json or request.endpoint in UPLOAD_ENDPOINTS:
+        return  # (an upload's body is a file, never parsed as JSON)
     limit = current_app.config["JSON_MAX_DEPTH"]
     # Bounded: werkzeug reads at most MAX_CONTENT_LENGTH (the API refuses larger bodies with 413).
     if json_depth(request.get_data(cache=True), limit) > limit:

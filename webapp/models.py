@@ -177,6 +177,15 @@ class Task(db.Model):
         Index("ix_tasks_finished_at", "finished_at"),
         # Stats (counts by status, charts) and the retention cleanup: finished tasks by status and time.
         Index("ix_tasks_status_finished_at", "status", "finished_at"),
+        # A batch's counts by status, and its output and error files in line order.
+        Index(
+            "ix_tasks_batch_id_status_id",
+            "batch_id",
+            "status",
+            "id",
+            postgresql_where=text("batch_id IS NOT NULL"),
+            sqlite_where=text("batch_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -220,6 +229,11 @@ class Task(db.Model):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # A batch line's task: its batch, the line's custom_id and its line number in the input file.
+    # The line's whole chat, when it has more than one message, is params["messages"].
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+    batch_line: Mapped[int | None] = mapped_column(Integer)
 
     user: Mapped[User] = relationship()
 
@@ -250,7 +264,7 @@ class Task(db.Model):
             "prompt": self.prompt,
             "model": self.model,
             "priority": self.priority,
-            "params": self.params or {},
+            "params": {k: v for k, v in (self.params or {}).items() if k != "messages"},
             "status": self.status,
             "progress": self.progress,
             "result": self.result,
@@ -260,6 +274,9 @@ class Task(db.Model):
             "finish_reason": self.finish_reason,
             "served_by": self.served_by,
             "cost_usd": money.as_json(self.cost_usd),
+            "batch_id": self.batch_id,
+            "custom_id": self.custom_id,
+            "messages": (self.params or {}).get("messages"),
             "created_at": _iso(self.created_at),
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),

@@ -83,6 +83,35 @@ def enqueue_task(
     return job_id
 
 
+def enqueue_tasks(jobs: list[tuple[int, str]], priority: int, job_timeout: int, per_pipeline: int = 1000) -> None:
+    """Enqueue `jobs.run_task` for many committed tasks, (task id, job id) each, a pipeline per `per_pipeline`."""
+    queue = get_queue(queue_name(priority))
+    for start in range(0, len(jobs), per_pipeline):
+        datas = [
+            Queue.prepare_data(
+                "jobs.run_task.run_task",
+                args=(task_id,),
+                timeout=job_timeout,
+                result_ttl=RESULT_TTL,
+                failure_ttl=FAILURE_TTL,
+                description=f"task {task_id}",
+                job_id=job_id,
+            )
+            for task_id, job_id in jobs[start : start + per_pipeline]
+        ]
+        with queue.connection.pipeline() as pipe:
+            queue.enqueue_many(datas, pipeline=pipe)
+            pipe.execute()
+
+
+def enqueue_call(function: str, *args, queue: str = "high", job_id: str | None = None, timeout: int = 600) -> str:
+    """Enqueue a bookkeeping job (a batch's intake or finalizing) by the function's dotted name; return its id."""
+    job = get_queue(queue).enqueue(
+        function, *args, job_id=job_id, job_timeout=timeout, result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL
+    )
+    return job.id
+
+
 def _silent(worker: Worker, now: datetime) -> bool:
     beat = worker.last_heartbeat or worker.birth_date
     return beat is None or (now - beat.replace(tzinfo=beat.tzinfo or UTC)).total_seconds() > WORKER_SILENT_SECONDS

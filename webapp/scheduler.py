@@ -18,7 +18,7 @@ from flask import current_app
 from jobs.sweeper import sweep
 
 from .extensions import db
-from .services import outbox
+from .services import batches, outbox
 from .services.retention import cleanup
 from .services.sessions import purge_idle
 
@@ -35,6 +35,9 @@ def run_scheduler() -> None:
         # Webhook deliveries whose job Redis lost, and deliveries past RETENTION_DAYS.
         (outbox.sweep, config["SWEEP_INTERVAL"]),
         (outbox.cleanup, config["CLEANUP_INTERVAL"]),
+        # Batches whose intake job was lost, whose lines have all finished, or whose window ran out.
+        (batches.sweep, config["SWEEP_INTERVAL"]),
+        (batches.cleanup, config["CLEANUP_INTERVAL"]),
     ]
     due = [0.0] * len(duties)  # monotonic time each duty is next due: all run at start
     stop = threading.Event()

@@ -110,6 +110,11 @@ class TaskOut(BaseModel):
     )
     served_by: str | None = Field(description="The catalog model that answered; differs from model after a fallback.")
     cost_usd: float | None = Field(description="What the answer cost in US dollars, at the prices of served_by then.")
+    batch_id: str | None = Field(description="The batch whose line this task is; null outside a batch.")
+    custom_id: str | None = Field(description="The batch line's custom_id; null outside a batch.")
+    messages: list[dict] | None = Field(
+        description="The chat as sent, when a batch line gave more than one message; null otherwise."
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

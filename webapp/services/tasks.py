@@ -24,6 +24,7 @@ from ..extensions import db
 from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
 from ..queues import enqueue_task, new_job_id, redis
 from ..ratelimits import rate_limits
+from ..text import text_problem  # noqa: F401 (pages and services import it from here)
 from .budgets import MESSAGE_OVERHEAD_TOKENS, answer_tokens, estimate_prompt_tokens
 
 log = logging.getLogger(__name__)
@@ -54,17 +55,6 @@ class Submission:
         """Return a hash of the request, to tell a replay from a different body."""
         body = json.dumps([self.prompt, self.model, self.priority, self.params], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(body.encode()).hexdigest()
-
-
-def text_problem(value: str) -> str | None:
-    """Return why a text cannot be stored (NUL bytes, lone surrogates), or None."""
-    if "\x00" in value:
-        return "must not contain NUL characters"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "must be valid Unicode text (it contains a lone surrogate)"
-    return None
 
 
 def validate_submission(

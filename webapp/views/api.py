@@ -12,6 +12,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .. import __version__
 from ..auth import api_user, bearer_token
 from ..catalog import catalog
+from ..config import UPLOAD_ENDPOINTS
 from ..errors import AuthError, ValidationError
 from ..extensions import db
 from ..schemas import (
@@ -43,7 +44,7 @@ BUDGET = {402: ErrorEnvelope}
 BODY_ERRORS = {400: ErrorEnvelope, 413: ErrorEnvelope, 415: ErrorEnvelope, 422: ErrorEnvelope}
 PUBLIC_ENDPOINTS = {"api.health", "api.openapi"}
 # Calls whose body must be a JSON object (a plain 415/400/422 before validation).
-JSON_BODIES = {"api.create_task", "api.create_webhook"}
+JSON_BODIES = {"api.create_task", "api.create_webhook", "api.create_batch"}
 # Query parameters other APIs read tokens from; ours never does, and says so.
 CREDENTIAL_PARAMETERS = {"access_token", "token", "api_key", "apikey", "api-key", "key", "auth", "authorization"}
 
@@ -58,13 +59,15 @@ bp = APIBlueprint("api", __name__, url_prefix="/api/v1", operation_id_callback=_
 @bp.before_request
 def check_request():
     """Refuse oversized bodies and unknown callers before anything touches the database."""
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    limit = request.max_content_length
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge()
     # A chunked body has no length to check: read it now, so an oversized one is refused before
     # the token lookup. werkzeug stops reading at the limit without a word (the truncated body
     # could even parse), so reaching the limit is the refusal.
+    # (A file upload is not read here: the form parser stops it at its own, larger limit.)
     chunked = request.content_length is None and request.method in ("POST", "PUT", "PATCH")
+    chunked = chunked and request.endpoint not in UPLOAD_ENDPOINTS
     if chunked and len(request.get_data(cache=True)) >= limit:
         raise RequestEntityTooLarge()
     if _credentials_in_url():
