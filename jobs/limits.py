@@ -190,6 +190,16 @@ def estimate_tokens(prompt_chars: int, system: str | None, max_tokens: int) -> i
     return (prompt_chars + len(system or "")) // 4 + max_tokens
 
 
+@dataclass(frozen=True)
+class ModelLine:
+    """A model's waiting line and slots, as /admin shows them."""
+
+    model: str
+    waiting: int
+    in_use: int  # slots held: running calls, and slots reserved for woken tasks
+    concurrency: int
+
+
 class ModelLimits:
     """The shared limits of every model, on one Redis connection."""
 
@@ -286,6 +296,23 @@ class ModelLimits:
             for model in models:
                 pipe.zrange(LINE_KEY.format(model), 0, -1)
             return {int(task) for members in pipe.execute() for task in members}
+
+    def ahead_of(self, model: str, task_id: int) -> int | None:
+        """Return how many tasks wait ahead of `task_id` in its model's line; None when it is not in it."""
+        return self.connection.zrank(LINE_KEY.format(model), task_id)
+
+    def lines(self, specs) -> list[ModelLine]:
+        """Return each model's line and the slots its calls hold now (one round trip)."""
+        specs = list(specs)
+        now = time.time()
+        with self.connection.pipeline(transaction=False) as pipe:
+            for spec in specs:
+                pipe.zcard(LINE_KEY.format(spec.name))
+                pipe.zcount(SLOTS_KEY.format(spec.name), now, "+inf")
+            values = pipe.execute()
+        return [
+            ModelLine(spec.name, values[2 * i], values[2 * i + 1], spec.concurrency) for i, spec in enumerate(specs)
+        ]
 
     def in_flight(self, model: str) -> int:
         """Return the calls of `model` holding a slot now (tests, operators)."""

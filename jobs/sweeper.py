@@ -46,7 +46,7 @@ from webapp.catalog import ModelSpec, catalog
 from webapp.extensions import db
 from webapp.lifecycle import attempts, job_timeout
 from webapp.models import IdempotencyKey, Task, TaskStatus, utcnow
-from webapp.queues import QUEUE_NAMES, enqueue_task, get_queue, redis
+from webapp.queues import QUEUE_NAMES, enqueue_task, forget_dead_workers, get_queue, redis
 
 from .limits import model_limits
 from .outage import database_unavailable
@@ -110,6 +110,7 @@ def sweep() -> SweepReport:
             _pump_lines(report)
             _requeue_orphans(report)
             _forget_idempotency_keys()
+            _forget_dead_workers()
             if report.requeued or report.reclaimed or report.failed or report.overdue or report.woken:
                 log.info("%s", report)
             return report
@@ -262,6 +263,15 @@ def _requeue_orphans(report: SweepReport) -> None:
                 return
             if attempts.requeue(row.id, row.job_id, job_id):
                 report.requeued.append(row.id)
+
+
+def _forget_dead_workers() -> None:
+    """Unregister workers that died without saying so: health, /admin and rq-dashboard list the living."""
+    try:
+        if names := forget_dead_workers(redis()):
+            log.info("sweeper: unregistered %d silent workers: %s", len(names), ", ".join(names))
+    except RedisError:
+        pass  # the passes that need Redis have said so already
 
 
 def _forget_idempotency_keys() -> None:

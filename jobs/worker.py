@@ -319,7 +319,9 @@ class TaskWorker(BaseWorker):
                 execution.heartbeat(job.started_job_registry, ttl, pipeline=pipeline)
                 job.heartbeat(now(), ttl, pipeline=pipeline, xx=True)
             results = pipeline.execute()
-            if results[0] == 1:  # Redis lost the worker (restarted empty): register it again
+            # Redis lost the worker (restarted empty, or the sweeper took it for dead while it
+            # was cut off): register it again.
+            if results[0] == 1:
                 pipeline.hset(self.key, mapping=self.serialize())
                 pipeline.expire(self.key, worker_ttl)
                 worker_registration.register(self, pipeline)

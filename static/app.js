@@ -121,8 +121,12 @@
   });
 
   // -- live parts that lose the server ------------------------------------------------------
-  // A poll that fails (server restarting, network gone) is retried with a growing pause, and
-  // the reader is told; a 404 means the task is gone, so polling stops.
+  // A poll that fails (server restarting, network gone) is retried after 1, 2, then every 3 s,
+  // and the reader is told; a 404 means the task is gone, so polling stops. The pause stays
+  // short so the page picks up again within seconds of the server coming back: one small GET
+  // every 3 s from an open page costs the server nothing.
+  const POLL_RETRY_MAX_SECONDS = 3;
+
   function pollNote(elt, text) {
     if (elt.tagName === "TR") return; // a History row retries quietly
     let note = elt.previousElementSibling;
@@ -145,7 +149,7 @@
       return;
     }
     const tries = Number(elt.dataset.tries || 0) + 1;
-    const wait = Math.min(30, 2 ** tries);
+    const wait = Math.min(POLL_RETRY_MAX_SECONDS, tries);
     pollNote(elt, "Live updates paused (" + (status ? "the server answered " + status : "no connection") +
       "); trying again in " + wait + " s.");
     setTimeout(function () {

@@ -55,6 +55,12 @@ upstream = "fake-narrow"
 default_max_tokens = 64
 concurrency = 3
 
+[models.fake-one]
+base_url = "{fake_provider.url}"
+upstream = "fake-one"
+default_max_tokens = 64
+concurrency = 1
+
 [models.fake-rpm]
 base_url = "{fake_provider.url}"
 upstream = "fake-rpm"

@@ -167,6 +167,33 @@ def test_a_failing_poll_says_so_and_recovers(page, app, fake_provider):
     expect(note).to_have_count(0)
 
 
+def test_a_task_page_resumes_within_seconds_of_the_server_answering_again(page, app, fake_provider):
+    make_user(app)
+    sign_in(page)
+    prompt = "Keep going while the server restarts."
+    fake_provider.script(prompt, {"chunks": 20, "delay": 0.1})
+    failed = []
+
+    def down(route):
+        failed.append(route.request.url)
+        route.fulfill(status=502, body="restarting")
+
+    page.route("**/live?*", down)
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.get_by_role("button", name="Submit").click()
+    expect(page).to_have_url(re.compile(r"/tasks/\d+$"))
+    # A long outage: five failed polls in a row (the pause before the next has grown).
+    page.wait_for_function("() => document.querySelectorAll('[data-poll-note]').length === 1")
+    deadline = time.monotonic() + 30
+    while len(failed) < 5:
+        assert time.monotonic() < deadline, failed
+        page.wait_for_timeout(100)
+    page.unroute("**/live?*")
+    # Back within 5 s of the server answering: the pause between tries never passes 3 s.
+    expect(page.locator("section.task .badge")).to_have_text("Completed", timeout=5_000)
+    expect(page.locator("[data-poll-note]")).to_have_count(0)
+
+
 def test_retry_a_failed_task(page, app, fake_provider):
     make_user(app)
     sign_in(page)

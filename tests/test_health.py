@@ -69,3 +69,35 @@ def test_workers_are_counted(app, client, test_env):
     finally:
         worker.terminate()
         worker.wait(20)
+
+
+def test_a_worker_that_died_silently_is_not_counted_and_the_sweeper_forgets_it(app):
+    from datetime import timedelta
+
+    from rq import Worker
+    from rq.utils import now
+
+    from jobs.sweeper import sweep
+    from tests.helpers import redis_conn
+    from webapp.queues import WORKER_SILENT_SECONDS
+
+    admin = api_client(app, "root", admin=True)
+    connection = redis_conn()
+    alive, dead = (
+        Worker(["default"], name="alive", connection=connection),
+        Worker(["default"], name="dead", connection=connection),
+    )
+    for worker in (alive, dead):
+        worker.register_birth()
+        worker.heartbeat()
+    # Killed a while ago: registered still (its key lives for minutes), but silent.
+    stale = now() - timedelta(seconds=WORKER_SILENT_SECONDS + 5)
+    connection.hset(dead.key, "last_heartbeat", stale.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    assert {w.name for w in Worker.all(connection=connection)} == {"alive", "dead"}
+
+    health = admin.get("/health").get_json()
+    assert health["checks"]["workers"]["count"] == 1
+
+    with app.app_context():
+        sweep()
+    assert [w.name for w in Worker.all(connection=connection)] == ["alive"]  # rq-dashboard lists the living

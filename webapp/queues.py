@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import secrets
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from flask import current_app
 from redis import BlockingConnectionPool, Redis
-from rq import Queue
+from rq import Queue, Worker
 from rq.serializers import JSONSerializer
+from rq.worker_registration import unregister
 
 QUEUE_NAMES = ("high", "default", "low")
 # How long RQ keeps a finished job's (empty) result and a failed job's record.
 RESULT_TTL = 600
 FAILURE_TTL = 7 * 24 * 3600
+# Workers beat every 10 s (jobs/worker.py). One silent this long died without unregistering (it
+# was killed, or Redis went before it): RQ would list it until its key expires, ~8 minutes.
+WORKER_SILENT_SECONDS = 60
 
 
 def queue_name(priority: int) -> str:
@@ -106,3 +110,30 @@ def enqueue_call(function: str, *args, queue: str = "high", job_id: str | None =
         function, *args, job_id=job_id, job_timeout=timeout, result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL
     )
     return job.id
+
+
+def _silent(worker: Worker, now: datetime) -> bool:
+    beat = worker.last_heartbeat or worker.birth_date
+    return beat is None or (now - beat.replace(tzinfo=beat.tzinfo or UTC)).total_seconds() > WORKER_SILENT_SECONDS
+
+
+def live_workers(connection: Redis) -> list[Worker]:
+    """Return the registered workers that have beaten lately: what health, /admin and metrics count."""
+    now = datetime.now(UTC)
+    return [worker for worker in Worker.all(connection=connection) if not _silent(worker, now)]
+
+
+def forget_dead_workers(connection: Redis) -> list[str]:
+    """Unregister workers silent for WORKER_SILENT_SECONDS, so rq-dashboard stops listing them too.
+
+    A worker that was only cut off from Redis registers itself again at its next heartbeat
+    (it finds its key gone), so nothing alive stays forgotten.
+    """
+    now = datetime.now(UTC)
+    dead = [worker for worker in Worker.all(connection=connection) if _silent(worker, now)]
+    for worker in dead:
+        with connection.pipeline() as pipeline:
+            unregister(worker, pipeline)
+            pipeline.delete(worker.key)
+            pipeline.execute()
+    return [worker.name for worker in dead]

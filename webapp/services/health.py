@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import time
 
-from rq import Worker
 from sqlalchemy import text
 
 from ..extensions import db
 from ..models import utcnow
-from ..queues import redis
+from ..queues import live_workers, redis
 
 
 def _timed(probe) -> dict:
@@ -40,7 +39,7 @@ def _redis() -> None:
 
 
 def _workers() -> dict:
-    return {"count": Worker.count(connection=redis())}
+    return {"count": len(live_workers(redis()))}
 
 
 def report(app_name: str, version: str) -> dict:

@@ -29,13 +29,13 @@ from datetime import datetime, timedelta
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Worker
 from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 from sqlalchemy import Integer, cast, func, select, text
 
+from ..catalog import catalog
 from ..extensions import db
 from ..models import FINISHED, UNFINISHED, Task, TaskStatus, User, utcnow
-from ..queues import QUEUE_NAMES, get_queue
+from ..queues import QUEUE_NAMES, get_queue, live_workers
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class Snapshot:
     tokens_by_user: list[tuple[str, int, int]]
     queues: list[QueueDepth] = field(default_factory=list)
     workers: int | None = None
+    # Each model's waiting line and slots in use (jobs/limits.py).
+    lines: list = field(default_factory=list)
     redis_error: str | None = None
 
 
@@ -362,8 +364,15 @@ def queue_depths(connection: Redis) -> list[QueueDepth]:
     return [QueueDepth(name, *values[i * 3 : i * 3 + 3]) for i, name in enumerate(QUEUE_NAMES)]
 
 
+def model_lines() -> list:
+    """Return each catalog model's line length and slots in use, by name."""
+    from jobs.limits import model_limits
+
+    return model_limits().lines(sorted(catalog(), key=lambda spec: spec.name))
+
+
 def workers_online(connection: Redis) -> int:
-    return Worker.count(connection=connection)
+    return len(live_workers(connection))
 
 
 def _summarise(day: dict, now: datetime):
@@ -402,6 +411,7 @@ def snapshot(connection: Redis, now: datetime | None = None) -> Snapshot:
     try:
         snap.queues = queue_depths(connection)
         snap.workers = workers_online(connection)
+        snap.lines = model_lines()
     except (RedisError, OSError) as exc:
         snap.redis_error = type(exc).__name__
     return snap

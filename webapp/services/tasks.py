@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from flask import current_app
+from redis.exceptions import RedisError
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 
@@ -109,6 +110,33 @@ def validate_submission(
     if errors:
         raise ValidationError("The task was not accepted: " + " ".join(errors.values()), errors)
     return Submission(prompt=prompt, model=name, priority=priority, params=params)
+
+
+@dataclass(frozen=True)
+class LinePlace:
+    """Where a PENDING task waits for its model: tasks ahead of it, and the model's slots in use."""
+
+    model: str
+    ahead: int
+    in_use: int
+    concurrency: int
+
+
+def line_place(task: Task) -> LinePlace | None:
+    """Return the task's place in its model's line (jobs/limits.py), or None when it is not waiting in one."""
+    spec = catalog().get(task.model)
+    if task.status != TaskStatus.PENDING.value or spec is None or not spec.concurrency:
+        return None
+    from jobs.limits import model_limits
+
+    try:
+        limits = model_limits()
+        ahead = limits.ahead_of(spec.name, task.id)
+        if ahead is None:
+            return None
+        return LinePlace(spec.name, ahead, limits.in_flight(spec.name), spec.concurrency)
+    except RedisError:
+        return None  # the page says "waiting" without the detail
 
 
 def submit(user: User, submission: Submission, idempotency_key: str | None = None) -> tuple[Task, bool]:

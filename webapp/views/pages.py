@@ -119,7 +119,12 @@ def answer_limits(task) -> tuple[int | None, int | None]:
 
 @bp.app_context_processor
 def page_context() -> dict:
-    return {"status_labels": STATUS_LABELS, "statuses": list(STATUS_LABELS), "answer_limits": answer_limits}
+    return {
+        "status_labels": STATUS_LABELS,
+        "statuses": list(STATUS_LABELS),
+        "answer_limits": answer_limits,
+        "line_place": service.line_place,
+    }
 
 
 def _is_htmx() -> bool:
