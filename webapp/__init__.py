@@ -104,7 +104,21 @@ def create_app(overrides: dict | None = None) -> App:
     app.extensions["catalog"] = load_catalog(app.config)
 
     from . import auth, batch_models, cli, rq_dashboard  # noqa: F401 (auth registers the session user loader)
-    from .views import account, api, api_batches, api_events, api_webhooks, errors, metrics, pages, usage, webhooks  # noqa: F401
+
+    # Importing api_batches, api_events and api_webhooks adds their routes to the API's blueprint.
+    from .views import (  # noqa: F401
+        account,
+        api,
+        api_batches,
+        api_events,
+        api_webhooks,
+        batches,
+        errors,
+        metrics,
+        pages,
+        usage,
+        webhooks,
+    )
     from .views import admin as admin_views
 
     if not app.config.get("TESTING"):
@@ -116,6 +130,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.register_blueprint(account.bp)
     app.register_blueprint(usage.bp)
     app.register_blueprint(webhooks.bp)
+    app.register_blueprint(batches.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(metrics.bp)
     rq_dashboard.init_app(app)
