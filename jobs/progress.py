@@ -52,9 +52,9 @@ def _lease(now: datetime) -> datetime:
 # plain Core statements on the table, built once and run on a connection of their own: no ORM
 # unit of work, and SQLAlchemy compiles each of them once per process.
 _tasks = Task.__table__
-_PENDING = select(_tasks.c.model, _tasks.c.priority, func.length(_tasks.c.prompt), _tasks.c.params).where(
-    _tasks.c.id == bindparam("b_id"), _tasks.c.status == TaskStatus.PENDING.value
-)
+_PENDING = select(
+    _tasks.c.model, _tasks.c.priority, func.length(_tasks.c.prompt), _tasks.c.params, _tasks.c.user_id
+).where(_tasks.c.id == bindparam("b_id"), _tasks.c.status == TaskStatus.PENDING.value)
 _CLAIM = (
     update(_tasks)
     .where(_tasks.c.id == bindparam("b_id"), _tasks.c.status == TaskStatus.PENDING.value)
@@ -184,12 +184,13 @@ class Pending(NamedTuple):
     priority: int
     prompt_chars: int
     params: dict
+    user_id: int | None = None
 
 
 def pending_task(task_id: int) -> Pending | None:
     """Return a PENDING task's model, priority and size, or None when it is not PENDING (or gone)."""
     row = _run(_PENDING, {"b_id": task_id})
-    return Pending(row[0], row[1], row[2] or 0, row[3] or {}) if row else None
+    return Pending(row[0], row[1], row[2] or 0, row[3] or {}, row[4]) if row else None
 
 
 def reclaim(claim: Claim) -> Claim | None:

@@ -20,7 +20,7 @@ from ..errors import ConflictError, NotFoundError, RateLimitedError, ValidationE
 from ..extensions import db
 from ..lifecycle import batches as lifecycle
 from ..models import User, utcnow
-from ..queues import enqueue_call
+from ..queues import enqueue_call, redis
 from .files import get_file
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ LIST_MAX = 100
 STUCK_SECONDS = 120
 INTAKE_JOB = "jobs.batches.intake"
 ADVANCE_JOB = "jobs.batches.advance"
+NUDGE_SECONDS = 5
 
 
 class BatchNotFoundError(NotFoundError):
@@ -136,6 +137,15 @@ def _start_job(function: str, batch_id: str) -> None:
         log.warning("batch %s: job %s not enqueued (%s); the sweeper will run it", batch_id, function, exc)
 
 
+def _nudge(batch_id: str) -> None:
+    """Enqueue the job that moves a finished batch on, at most once per NUDGE_SECONDS however often it is read."""
+    try:
+        if redis().set(f"atr:batch:{batch_id}:nudged", 1, nx=True, ex=NUDGE_SECONDS):
+            enqueue_call(ADVANCE_JOB, batch_id)
+    except RedisError as exc:
+        log.warning("batch %s: not moved on now (%s); the sweeper will", batch_id, exc)
+
+
 def get_batch(user: User, batch_id: str) -> Batch:
     batch = db.session.get(Batch, batch_id) if len(batch_id) <= 40 else None
     if batch is None or batch.user_id != user.id:
@@ -155,7 +165,7 @@ def batch_view(batch: Batch) -> dict:
     """Return the batch object, nudging a batch whose lines have all finished towards its end."""
     counts = request_counts(batch)
     if batch.status == BatchStatus.IN_PROGRESS.value and counts["completed"] + counts["failed"] >= counts["total"]:
-        _start_job(ADVANCE_JOB, batch.id)
+        _nudge(batch.id)
     return batch.to_dict(counts)
 
 
