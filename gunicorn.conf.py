@@ -34,6 +34,13 @@ threads = int(os.environ.get("WEB_THREADS", "256"))
 # The app reads its stream cap from the environment: keep it below the threads.
 os.environ.setdefault("STREAMS_PER_PROCESS", str(max(1, threads - PAGE_THREADS)))
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms "%(a)s"'
+# The control socket (gunicornc) lives under instance/ (INSTANCE_PATH, as webapp/config.py reads
+# it), beside the app's other runtime files: gunicorn's default is one per user
+# (~/.gunicorn/gunicorn.ctl), so a second copy of the app on the machine took over the first's.
+control_socket = os.path.join(
+    os.environ.get("INSTANCE_PATH") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "instance"),
+    "gunicorn.ctl",
+)
 
 
 def post_worker_init(worker):

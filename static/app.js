@@ -24,8 +24,8 @@
       for (const _ of area.value) used += 1;
       const over = used - limit;
       text.textContent = over > 0
-        ? fmt.format(over) + " characters too many (the limit is " + fmt.format(limit) + ")"
-        : fmt.format(used) + " of " + fmt.format(limit) + " characters";
+        ? fmt.format(over) + (over === 1 ? " character" : " characters") + " too many (the limit is " + fmt.format(limit) + ")"
+        : fmt.format(used) + " of " + fmt.format(limit) + (limit === 1 ? " character" : " characters");
       box.classList.toggle("over", over > 0);
       clearTimeout(timer);
       timer = setTimeout(function () { spoken.textContent = text.textContent; }, 1200);

@@ -14,7 +14,7 @@ from redis import Redis
 from sqlalchemy import text
 
 from tests.fake_provider import FakeProvider
-from tests.helpers import ROOT, TEST_DATABASE_URL, TEST_REDIS_URL, ApiClient, api_client
+from tests.helpers import ROOT, TEST_DATABASE_URL, TEST_REDIS_URL, ApiClient, api_client, app_overrides
 from webapp import create_app
 from webapp.extensions import db
 
@@ -85,25 +85,13 @@ def test_env(models_file) -> dict[str, str]:
         "RETRY_BASE_SECONDS": "0.01",
         "RETRY_MAX_SECONDS": "0.05",
         "RATELIMIT_ENABLED": "false",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
 
 
 @pytest.fixture(scope="session")
 def app(test_env):
-    overrides = {
-        "TESTING": True,
-        "SECRET_KEY": test_env["SECRET_KEY"],
-        "DATABASE_URL": TEST_DATABASE_URL,
-        "REDIS_URL": TEST_REDIS_URL,
-        "MODELS_FILE": test_env["MODELS_FILE"],
-        "DEFAULT_MODEL": "fake",
-        "PROGRESS_INTERVAL": 0.05,
-        "RETRY_BASE_SECONDS": 0.01,
-        "RETRY_MAX_SECONDS": 0.05,
-        "RATELIMIT_ENABLED": False,
-    }
-    app = create_app(overrides)
+    app = create_app(app_overrides(test_env, DATABASE_URL=TEST_DATABASE_URL, REDIS_URL=TEST_REDIS_URL))
     with app.app_context():
         # Start from an empty schema and build it with the migrations, which tests them too.
         with db.engine.begin() as conn:
@@ -123,13 +111,17 @@ def _clean(request, fake_provider):
         yield
         return
     app = request.getfixturevalue("app")
-    redis = Redis.from_url(TEST_REDIS_URL)
+    redis = Redis.from_url(app.config["REDIS_URL"])  # TEST_REDIS_URL, or the embedded Valkey (test_embedded_input)
     redis.flushdb()
     yield
     with app.app_context():
         db.session.remove()
         with db.engine.begin() as conn:
-            conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+            if conn.dialect.name == "postgresql":
+                conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+            else:  # SQLite has no TRUNCATE; an emptied table numbers its rows from 1 again
+                for table in reversed(db.metadata.sorted_tables):
+                    conn.execute(table.delete())
     redis.flushdb()
     fake_provider.reset()
 

@@ -116,6 +116,21 @@ def error_of(response) -> dict:
     return body["error"]
 
 
+def app_overrides(test_env: dict, **extra) -> dict:
+    """The test app's configuration, on the services named in `extra` (DATABASE_URL, REDIS_URL, …)."""
+    return {
+        "TESTING": True,
+        "SECRET_KEY": test_env["SECRET_KEY"],
+        "MODELS_FILE": test_env["MODELS_FILE"],
+        "DEFAULT_MODEL": "fake",
+        "PROGRESS_INTERVAL": 0.05,
+        "RETRY_BASE_SECONDS": 0.01,
+        "RETRY_MAX_SECONDS": 0.05,
+        "RATELIMIT_ENABLED": False,
+        **extra,
+    }
+
+
 def app_with(app, **overrides):
     config = {
         key: app.config[key]

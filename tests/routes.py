@@ -45,18 +45,19 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ("POST", "/account/sign-out-everywhere"): ("/account/sign-out-everywhere", PAGE),
     ("POST", "/tasks"): ("/tasks", PAGE),
     ("GET", "/tasks"): ("/tasks", PAGE),
-    ("GET", "/tasks/<int:task_id>"): ("/tasks/{pending}", OWNED_PAGE),
-    ("GET", "/tasks/<int:task_id>/live"): ("/tasks/{pending}/live", OWNED_PAGE),
-    ("GET", "/tasks/<int:task_id>/row"): ("/tasks/{pending}/row", OWNED_PAGE),
-    ("POST", "/tasks/<int:task_id>/cancel"): ("/tasks/{pending}/cancel", OWNED_PAGE),
-    ("POST", "/tasks/<int:task_id>/retry"): ("/tasks/{cancelled}/retry", OWNED_PAGE),
-    ("POST", "/tasks/<int:task_id>/delete"): ("/tasks/{pending}/delete", OWNED_PAGE),
+    ("GET", "/tasks/<id:task_id>"): ("/tasks/{pending}", OWNED_PAGE),
+    ("GET", "/tasks/<id:task_id>/live"): ("/tasks/{pending}/live", OWNED_PAGE),
+    ("GET", "/tasks/<id:task_id>/row"): ("/tasks/{pending}/row", OWNED_PAGE),
+    ("POST", "/tasks/<id:task_id>/cancel"): ("/tasks/{pending}/cancel", OWNED_PAGE),
+    ("POST", "/tasks/<id:task_id>/retry"): ("/tasks/{cancelled}/retry", OWNED_PAGE),
+    ("POST", "/tasks/<id:task_id>/delete"): ("/tasks/{pending}/delete", OWNED_PAGE),
     ("GET", "/tokens"): ("/tokens", PAGE),
     ("GET", "/usage"): ("/usage", PAGE),
     ("POST", "/tokens"): ("/tokens", PAGE),
     # Tokens are per user for admins too: nobody revokes another's token.
-    ("POST", "/tokens/<int:token_id>/revoke"): ("/tokens/{token}/revoke", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/tokens/<id:token_id>/revoke"): ("/tokens/{token}/revoke", {**OWNED_PAGE, "admin": 404}),
     ("GET", "/static/<path:filename>"): ("/static/app.js", PUBLIC),
+    ("GET", "/favicon.ico"): ("/favicon.ico", PUBLIC),
     ("GET", "/metrics"): ("/metrics", ADMIN),
     ("GET", "/admin"): ("/admin", ADMIN),
     ("GET", "/admin/stats"): ("/admin/stats", ADMIN),
@@ -65,10 +66,10 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ("POST", "/admin/tasks/apply"): ("/admin/tasks/apply", ADMIN),
     ("GET", "/admin/users"): ("/admin/users", ADMIN),
     ("POST", "/admin/users"): ("/admin/users", ADMIN),
-    ("POST", "/admin/users/<int:user_id>/active"): ("/admin/users/{target}/active", ADMIN),
-    ("POST", "/admin/users/<int:user_id>/admin"): ("/admin/users/{target}/admin", ADMIN),
-    ("POST", "/admin/users/<int:user_id>/password"): ("/admin/users/{target}/password", ADMIN),
-    ("POST", "/admin/users/<int:user_id>/budget"): ("/admin/users/{target}/budget", ADMIN),
+    ("POST", "/admin/users/<id:user_id>/active"): ("/admin/users/{target}/active", ADMIN),
+    ("POST", "/admin/users/<id:user_id>/admin"): ("/admin/users/{target}/admin", ADMIN),
+    ("POST", "/admin/users/<id:user_id>/password"): ("/admin/users/{target}/password", ADMIN),
+    ("POST", "/admin/users/<id:user_id>/budget"): ("/admin/users/{target}/budget", ADMIN),
     ("GET", "/admin/rq/"): ("/admin/rq/", ADMIN),
     ("GET", "/admin/rq/<int:instance_number>/"): ("/admin/rq/0/", ALIAS),
     ("GET", "/admin/rq/<int:instance_number>/view"): ("/admin/rq/0/view", ALIAS),
@@ -138,16 +139,16 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ),
     ("GET", "/webhooks"): ("/webhooks", PAGE),
     ("POST", "/webhooks"): ("/webhooks", PAGE),
-    ("GET", "/webhooks/<int:endpoint_id>"): ("/webhooks/{endpoint}", {**OWNED_PAGE, "admin": 404}),
-    ("GET", "/webhooks/<int:endpoint_id>/deliveries"): (
+    ("GET", "/webhooks/<id:endpoint_id>"): ("/webhooks/{endpoint}", {**OWNED_PAGE, "admin": 404}),
+    ("GET", "/webhooks/<id:endpoint_id>/deliveries"): (
         "/webhooks/{endpoint}/deliveries",
         {**OWNED_PAGE, "admin": 404},
     ),
-    ("POST", "/webhooks/<int:endpoint_id>/rotate"): ("/webhooks/{endpoint}/rotate", {**OWNED_PAGE, "admin": 404}),
-    ("POST", "/webhooks/<int:endpoint_id>/test"): ("/webhooks/{endpoint}/test", {**OWNED_PAGE, "admin": 404}),
-    ("POST", "/webhooks/<int:endpoint_id>/enable"): ("/webhooks/{endpoint}/enable", {**OWNED_PAGE, "admin": 404}),
-    ("POST", "/webhooks/<int:endpoint_id>/delete"): ("/webhooks/{endpoint}/delete", {**OWNED_PAGE, "admin": 404}),
-    ("POST", "/webhooks/deliveries/<int:delivery_id>/resend"): (
+    ("POST", "/webhooks/<id:endpoint_id>/rotate"): ("/webhooks/{endpoint}/rotate", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/webhooks/<id:endpoint_id>/test"): ("/webhooks/{endpoint}/test", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/webhooks/<id:endpoint_id>/enable"): ("/webhooks/{endpoint}/enable", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/webhooks/<id:endpoint_id>/delete"): ("/webhooks/{endpoint}/delete", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/webhooks/deliveries/<id:delivery_id>/resend"): (
         "/webhooks/deliveries/{delivery}/resend",
         {**OWNED_PAGE, "admin": 404},
     ),
@@ -244,6 +245,14 @@ def _webhook(user_id: int) -> tuple[int, int]:
     db.session.add(delivery)
     db.session.commit()
     return endpoint.id, delivery.id
+
+
+def who_may(rule_key) -> str:
+    """The role that gets into the view (or anonymous for public routes): only the input can fail it."""
+    expected = ROUTES[rule_key][1]
+    if expected["anonymous"] == "ok":
+        return "anonymous"
+    return "user" if expected["user"] == "ok" else "admin"
 
 
 def owner_api(world: World):

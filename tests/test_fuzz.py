@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from tests.api_schema import FORWARD, schema
 from tests.helpers import work
-from tests.routes import FORMS, ROUTES, STATE_CHANGING, build_world
+from tests.routes import FORMS, ROUTES, STATE_CHANGING, build_world, who_may
 from tests.tally import counts
 
 API_EXAMPLES = 250
@@ -112,21 +112,13 @@ def browser_routes() -> list[tuple[str, str]]:
     return sorted(key for key in ROUTES if not key[1].startswith("/api/"))
 
 
-def who_may(rule_key) -> str:
-    """The role that gets into the view (or anonymous for public routes): only the input can fail it."""
-    expected = ROUTES[rule_key][1]
-    if expected["anonymous"] == "ok":
-        return "anonymous"
-    return "user" if expected["user"] == "ok" else "admin"
-
-
 def path_for(rule: str, ids: list, texts: list) -> str:
-    """Fill a rule's parameters: numbers for <int:...>, any text (quoted) for the others."""
+    """Fill a rule's parameters: numbers for <int:...> and <id:...>, any text (quoted) for the others."""
     path, ids, texts = rule, iter(ids), iter(texts)
     while "<" in path:
         start, end = path.index("<"), path.index(">")
         converter = path[start + 1 : end]
-        if converter.startswith("int:"):
+        if converter.startswith(("int:", "id:")):
             value = str(next(ids))
         elif converter.startswith("path:"):
             value = "/".join(quote(part, safe="") or "x" for part in next(texts).split("/"))

@@ -9,7 +9,7 @@ from flask_openapi3 import Info, OpenAPI, SecurityScheme
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as cfg
-from . import json_depth, queues, ratelimits, security
+from . import converters, json_depth, queues, ratelimits, security
 from .extensions import csrf, db, login_manager, migrate, ping_after_idle
 from .logs import setup_logging
 from .schemas import PROMPT_CEILING, ErrorEnvelope
@@ -86,6 +86,7 @@ def create_app(overrides: dict | None = None) -> App:
     if idle <= 0:
         options["pool_pre_ping"] = True
 
+    converters.init_app(app)  # before any route is added: page routes take <id:...>
     db.init_app(app)
     if idle > 0:
         with app.app_context():

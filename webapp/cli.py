@@ -86,9 +86,10 @@ def set_budget(name: str, usd: str) -> None:
 
 @tokens.command("create")
 @click.argument("name")
-@click.option("--label", default="cli", show_default=True, help="A name for the token.")
+@click.option("--label", default="cli", show_default=True, help="The token's own name, as the Tokens page lists it.")
 def create_token(name: str, label: str) -> None:
-    """Create an API token for user NAME; the token is printed alone on the last line."""
+    """Create an API token for the user named NAME (the token's own name is --label); the token is
+    printed alone on the last line."""
     user = _existing_user(name)
     try:
         _, token = accounts.create_token(user, label)

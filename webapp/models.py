@@ -33,6 +33,9 @@ from .money import Amount, Budget, Price
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a bigint identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
+# The largest row id, on PostgreSQL (bigint) and SQLite (a 64-bit INTEGER) alike: an id from a
+# URL or a cursor past it is refused before any query (SQLite's driver cannot even bind one).
+MAX_ID = 2**63 - 1
 JsonDoc = JSON().with_variant(JSONB(), "postgresql")
 # Passwords are hashed with scrypt (memory-hard; werkzeug's default, named here so it never changes
 # silently): "scrypt:32768:8:1$salt$hash". Hashes of another method are upgraded at sign-in.

@@ -21,7 +21,7 @@ from .. import metrics
 from ..catalog import ModelSpec, catalog
 from ..errors import ConflictError, RateLimitedError, TaskNotFoundError, ValidationError
 from ..extensions import db
-from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
+from ..models import MAX_ID, UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
 from ..queues import enqueue_task, new_job_id, redis
 from ..ratelimits import rate_limits
 from ..text import text_problem  # noqa: F401 (pages and services import it from here)
@@ -265,7 +265,8 @@ def decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         kind, _, value = raw.partition(":")
-        if kind != "id" or not value.isdigit():
+        # A forged cursor may name any number: one past a row id's range never reaches a query.
+        if kind != "id" or not (value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_ID):
             raise ValueError(raw)
         return int(value)
     except (ValueError, binascii.Error, UnicodeDecodeError):

@@ -158,7 +158,7 @@ def create_user():
     return redirect(url_for("admin.users"), code=303)
 
 
-@bp.post("/users/<int:user_id>/active")
+@bp.post("/users/<id:user_id>/active")
 def set_active(user_id: int):
     try:
         user = service.set_active(current_user, user_id, request.form.get("active") == "1")
@@ -169,7 +169,7 @@ def set_active(user_id: int):
     return redirect(url_for("admin.users"), code=303)
 
 
-@bp.post("/users/<int:user_id>/admin")
+@bp.post("/users/<id:user_id>/admin")
 def set_admin(user_id: int):
     try:
         user = service.set_admin(current_user, user_id, request.form.get("admin") == "1")
@@ -180,7 +180,7 @@ def set_admin(user_id: int):
     return redirect(url_for("admin.users"), code=303)
 
 
-@bp.post("/users/<int:user_id>/password")
+@bp.post("/users/<id:user_id>/password")
 def reset_password(user_id: int):
     """Set a new random password and show it once, on this response only (never in a cookie)."""
     reset = service.reset_password(user_id, revoke_tokens=request.form.get("revoke_tokens") == "on")
@@ -189,7 +189,7 @@ def reset_password(user_id: int):
     return _users_page(reset=reset)
 
 
-@bp.post("/users/<int:user_id>/budget")
+@bp.post("/users/<id:user_id>/budget")
 def set_budget(user_id: int):
     """Set a user's monthly budget; a bad amount shows the page again with the message by that user."""
     text = request.form.get("budget", "")

@@ -80,8 +80,8 @@ def check_request():
     user = api_user()
     if user is None:
         raise AuthError(
-            "Send a valid API token as 'Authorization: Bearer <token>' "
-            "(create one with `flask --app wsgi tokens create NAME`)."
+            "Send a valid API token as 'Authorization: Bearer <token>': create one on the Tokens page "
+            "(/tokens) or with `flask --app wsgi tokens create USERNAME`."
         )
     g.user = user
     if request.method == "POST" and request.endpoint in JSON_BODIES:

@@ -120,6 +120,12 @@ def _is_htmx() -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
+@bp.get("/favicon.ico")
+def favicon():
+    """The site's icon where every browser looks for it (pages link to it too)."""
+    return current_app.send_static_file("favicon.ico")
+
+
 # -- signing in and out -------------------------------------------------------------------------
 
 
@@ -315,13 +321,13 @@ def submit():
 # -- one task ----------------------------------------------------------------------------------
 
 
-@bp.get("/tasks/<int:task_id>")
+@bp.get("/tasks/<id:task_id>")
 @login_required
 def task(task_id: int):
     return render_template("task.html", task=service.get_task(current_user, task_id))
 
 
-@bp.get("/tasks/<int:task_id>/live")
+@bp.get("/tasks/<id:task_id>/live")
 @login_required
 def task_live(task_id: int):
     """The task's live partial: htmx polls it until the task is finished.
@@ -347,19 +353,19 @@ def _task_action(task_id: int, action, done: str):
     return redirect(url_for("pages.task", task_id=task_id), code=303)
 
 
-@bp.post("/tasks/<int:task_id>/cancel")
+@bp.post("/tasks/<id:task_id>/cancel")
 @login_required
 def cancel(task_id: int):
     return _task_action(task_id, service.cancel, "Task {id} is cancelled.")
 
 
-@bp.post("/tasks/<int:task_id>/retry")
+@bp.post("/tasks/<id:task_id>/retry")
 @login_required
 def retry(task_id: int):
     return _task_action(task_id, service.retry, "Task {id} is queued again.")
 
 
-@bp.post("/tasks/<int:task_id>/delete")
+@bp.post("/tasks/<id:task_id>/delete")
 @login_required
 def delete(task_id: int):
     service.delete_task(current_user, task_id)
@@ -396,7 +402,7 @@ def history():
         error = exc.message
         page = service.HistoryPage([], None, None)
     active = {name: value for name, value in filters.items() if value}
-    return render_template(
+    html = render_template(
         "history.html",
         page=page,
         filters=filters,
@@ -405,9 +411,12 @@ def history():
         paged=bool(request.args.get("before") or request.args.get("after")),
         models=catalog().names(),
     )
+    # A refused filter or cursor is a 422 with its message; htmx (filtering as you type) gets a
+    # 200, since htmx 2 does not swap a 4xx in.
+    return html, 422 if error and not _is_htmx() else 200
 
 
-@bp.get("/tasks/<int:task_id>/row")
+@bp.get("/tasks/<id:task_id>/row")
 @login_required
 def history_row(task_id: int):
     """One History row; an unfinished row polls this until its task finishes."""
@@ -441,7 +450,7 @@ def create_token():
     return _render_tokens(new_token=token)
 
 
-@bp.post("/tokens/<int:token_id>/revoke")
+@bp.post("/tokens/<id:token_id>/revoke")
 @login_required
 def revoke_token(token_id: int):
     accounts.revoke_token(current_user, token_id)

@@ -76,13 +76,13 @@ def _soon():
     return utcnow() + timedelta(seconds=60)
 
 
-@bp.get("/webhooks/<int:endpoint_id>")
+@bp.get("/webhooks/<id:endpoint_id>")
 @login_required
 def endpoint(endpoint_id: int):
     return _render_endpoint(endpoint_id)
 
 
-@bp.get("/webhooks/<int:endpoint_id>/deliveries")
+@bp.get("/webhooks/<id:endpoint_id>/deliveries")
 @login_required
 def deliveries(endpoint_id: int):
     """The deliveries log alone: the page polls it while deliveries are pending."""
@@ -92,7 +92,7 @@ def deliveries(endpoint_id: int):
     )
 
 
-@bp.post("/webhooks/<int:endpoint_id>/rotate")
+@bp.post("/webhooks/<id:endpoint_id>/rotate")
 @login_required
 def rotate(endpoint_id: int):
     """Give the endpoint a new secret, shown on this response only."""
@@ -100,7 +100,7 @@ def rotate(endpoint_id: int):
     return _render_endpoint(endpoint_id, secret=secret)
 
 
-@bp.post("/webhooks/<int:endpoint_id>/test")
+@bp.post("/webhooks/<id:endpoint_id>/test")
 @login_required
 def send_test(endpoint_id: int):
     try:
@@ -111,7 +111,7 @@ def send_test(endpoint_id: int):
     return redirect(url_for("webhooks.endpoint", endpoint_id=endpoint_id), code=303)
 
 
-@bp.post("/webhooks/<int:endpoint_id>/enable")
+@bp.post("/webhooks/<id:endpoint_id>/enable")
 @login_required
 def enable(endpoint_id: int):
     service.enable(current_user, endpoint_id)
@@ -119,7 +119,7 @@ def enable(endpoint_id: int):
     return redirect(url_for("webhooks.endpoint", endpoint_id=endpoint_id), code=303)
 
 
-@bp.post("/webhooks/<int:endpoint_id>/delete")
+@bp.post("/webhooks/<id:endpoint_id>/delete")
 @login_required
 def delete(endpoint_id: int):
     service.delete_endpoint(current_user, endpoint_id)
@@ -127,7 +127,7 @@ def delete(endpoint_id: int):
     return redirect(url_for("webhooks.index"), code=303)
 
 
-@bp.post("/webhooks/deliveries/<int:delivery_id>/resend")
+@bp.post("/webhooks/deliveries/<id:delivery_id>/resend")
 @login_required
 def resend(delivery_id: int):
     try:
