@@ -130,10 +130,10 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ("DELETE", "/api/v1/webhooks/<int:webhook_id>"): ("/api/v1/webhooks/{endpoint}", {**OWNED_API, "admin": 404}),
     ("GET", "/batches"): ("/batches", PAGE),
     ("POST", "/batches"): ("/batches", PAGE),
-    ("GET", "/batches/<batch_id>"): ("/batches/{batch}", {**OWNED_PAGE, "admin": 404}),
-    ("GET", "/batches/<batch_id>/live"): ("/batches/{batch}/live", {**OWNED_PAGE, "admin": 404}),
-    ("POST", "/batches/<batch_id>/cancel"): ("/batches/{batch}/cancel", {**OWNED_PAGE, "admin": 404}),
-    ("GET", "/batches/<batch_id>/<any('output.jsonl', 'errors.jsonl', 'output.csv', 'errors.csv'):name>"): (
+    ("GET", "/batches/<batch:batch_id>"): ("/batches/{batch}", {**OWNED_PAGE, "admin": 404}),
+    ("GET", "/batches/<batch:batch_id>/live"): ("/batches/{batch}/live", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/batches/<batch:batch_id>/cancel"): ("/batches/{batch}/cancel", {**OWNED_PAGE, "admin": 404}),
+    ("GET", "/batches/<batch:batch_id>/<any('output.jsonl', 'errors.jsonl', 'output.csv', 'errors.csv'):name>"): (
         "/batches/{batch}/output.jsonl",
         {**OWNED_PAGE, "admin": 404},
     ),

@@ -9,6 +9,7 @@ finalizing, then completed (or cancelled, or expired) with its output and error 
 from __future__ import annotations
 
 import logging
+import re
 from datetime import timedelta
 
 from flask import current_app
@@ -24,6 +25,9 @@ from ..queues import enqueue_call, redis
 from .files import get_file
 
 log = logging.getLogger(__name__)
+# What a batch or file id can look like (ours are batch_/file- and 24 hex digits): anything else
+# is not looked up at all (a NUL byte could not even be sent to PostgreSQL).
+PUBLIC_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 ENDPOINTS = ("/v1/chat/completions",)
 WINDOWS = {"24h": timedelta(hours=24)}
@@ -147,7 +151,7 @@ def _nudge(batch_id: str) -> None:
 
 
 def get_batch(user: User, batch_id: str) -> Batch:
-    batch = db.session.get(Batch, batch_id) if len(batch_id) <= 40 else None
+    batch = db.session.get(Batch, batch_id) if PUBLIC_ID.fullmatch(batch_id) else None
     if batch is None or batch.user_id != user.id:
         raise BatchNotFoundError(batch_id)
     return batch

@@ -92,7 +92,7 @@ def _errors(batch) -> list:
     return found
 
 
-@bp.get("/batches/<batch_id>")
+@bp.get("/batches/<batch:batch_id>")
 @login_required
 def detail(batch_id: str):
     batch = service.get_batch(current_user, batch_id)
@@ -100,7 +100,7 @@ def detail(batch_id: str):
     return render_template("batch.html", batch=batch, counts=counts, errors=_errors(batch), shown=ERRORS_SHOWN)
 
 
-@bp.get("/batches/<batch_id>/live")
+@bp.get("/batches/<batch:batch_id>/live")
 @login_required
 def live(batch_id: str):
     """The batch's status and counts; polls itself while the batch is not over."""
@@ -111,7 +111,7 @@ def live(batch_id: str):
     return render_template("_batch.html", batch=batch, counts=counts, errors=_errors(batch), shown=ERRORS_SHOWN)
 
 
-@bp.post("/batches/<batch_id>/cancel")
+@bp.post("/batches/<batch:batch_id>/cancel")
 @login_required
 def cancel(batch_id: str):
     try:
@@ -122,7 +122,7 @@ def cancel(batch_id: str):
     return redirect(url_for("batches.detail", batch_id=batch_id), 303)
 
 
-@bp.get("/batches/<batch_id>/<any('output.jsonl', 'errors.jsonl', 'output.csv', 'errors.csv'):name>")
+@bp.get("/batches/<batch:batch_id>/<any('output.jsonl', 'errors.jsonl', 'output.csv', 'errors.csv'):name>")
 @login_required
 def download(batch_id: str, name: str):
     batch = service.get_batch(current_user, batch_id)
