@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 SLOTS_KEY = "atr:limit:{}:slots"
 LINE_KEY = "atr:limit:{}:line"
+TURNS_KEY = "atr:limit:{}:turns"
 RATE_KEY = "atr:limit:{}:{}"  # model, "rpm" or "tpm"
 # A sixth of a minute's allowance may go at once after an idle spell.
 BURST_SECONDS = 10.0
@@ -67,18 +68,47 @@ local function pump(woken)
     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), 'task-' .. head[1])
     woken[#woken + 1] = head[1]
     free = free - 1
+    -- The line's clock of fair turns moves to the turn of the task that left it.
+    local score = tonumber(head[2])
+    local band = math.floor(score / 1e12)
+    local turn = math.floor((score % 1e12) / 1e6)
+    if turn > tonumber(redis.call('HGET', KEYS[5], 'v:' .. band) or '0') then
+      redis.call('HSET', KEYS[5], 'v:' .. band, turn)
+    end
   end
+  -- An empty line starts its turns again (so they stay far below a band's width).
+  if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('DEL', KEYS[5]) end
   return woken
+end
+"""
+
+# KEYS[4] line, KEYS[5] the line's turns; ARGV[10] task id, ARGV[11] its place, ARGV[12] its owner.
+# Joins the line: with an owner, fairly (see `line_place`); returns whether the task was added.
+_JOIN = """
+local function join()
+  local place = tonumber(ARGV[11])
+  if ARGV[12] ~= '' then
+    local band = math.floor(place / 1e12)
+    local mine = 'u:' .. band .. ':' .. ARGV[12]
+    local clock = tonumber(redis.call('HGET', KEYS[5], 'v:' .. band) or '0')
+    local turn = math.max(tonumber(redis.call('HGET', KEYS[5], mine) or '0') + 1, clock)
+    place = band * 1e12 + turn * 1e6 + tonumber(ARGV[10]) % 1e6
+    if redis.call('ZADD', KEYS[4], 'NX', place, ARGV[10]) == 1 then redis.call('HSET', KEYS[5], mine, turn) end
+  else
+    redis.call('ZADD', KEYS[4], 'NX', place, ARGV[10])
+  end
 end
 """
 
 # KEYS[1] slots (zset), KEYS[2] rpm tat, KEYS[3] tpm tat, KEYS[4] line (zset).
 # ARGV: now, holder, lease seconds, concurrency (0: none), rpm (0: none), tpm (0: none), token cost,
-# burst seconds, the task's reservation name, the task id, its place in line (priority, submission).
+# burst seconds, the task's reservation name, the task id, its place in line (priority, submission),
+# its owner ('' for none: the place is used as it is). KEYS[5] the line's turns (hash).
 # Returns {0|1 allowed, seconds to wait, which limit refused, task ids woken...}; refused by
 # 'concurrency' means the task is in line (wait 0).
 _ACQUIRE = (
     _PUMP
+    + _JOIN
     + """
 local now = tonumber(ARGV[1])
 local concurrency = tonumber(ARGV[4])
@@ -89,7 +119,7 @@ if concurrency > 0 then
   if redis.call('ZSCORE', KEYS[1], ARGV[2]) == false then
     if redis.call('ZSCORE', KEYS[1], ARGV[9]) == false then
       -- Holding nothing: join the line, and let the line take the free slots in its order.
-      redis.call('ZADD', KEYS[4], 'NX', tonumber(ARGV[11]), ARGV[10])
+      join()
       pump(woken)
       local mine = false
       for i, id in ipairs(woken) do
@@ -217,21 +247,24 @@ class ModelLimits:
             RATE_KEY.format(model, "rpm"),
             RATE_KEY.format(model, "tpm"),
             LINE_KEY.format(model),
+            TURNS_KEY.format(model),
         ]
 
     def acquire(
-        self, spec: ModelSpec, holder: str, tokens: int, task_id: int, place: int = 0
+        self, spec: ModelSpec, holder: str, tokens: int, task_id: int, place: int = 0, owner: int | None = None
     ) -> tuple[Verdict, Hold | None]:
         """Ask to start a call of `spec` now, for `holder` (a job id) of `task_id`, costing about `tokens`.
 
-        `place` orders the model's line (lower goes first): see `line_place`.
+        `place` orders the model's line (lower goes first): see `line_place`. With the task's
+        `owner` (a user id) the line is fair across owners within a priority.
         """
         if not (spec.concurrency or spec.rpm or spec.tpm):
             return Verdict(True), Hold(spec.name, holder)
         args = [time.time(), holder, self.lease_seconds, spec.concurrency or 0, spec.rpm or 0, spec.tpm or 0]
         try:
             allowed, wait, which, *woken = self._acquire(
-                keys=self._keys(spec.name), args=[*args, tokens, BURST_SECONDS, f"task-{task_id}", task_id, place]
+                keys=self._keys(spec.name),
+                args=[*args, tokens, BURST_SECONDS, f"task-{task_id}", task_id, place, "" if owner is None else owner],
             )
         except UNREACHABLE:
             log.warning("model limits: Redis unreachable; letting the call through")
@@ -320,7 +353,15 @@ class ModelLimits:
 
 
 def line_place(priority: int, task_id: int) -> int:
-    """Return a task's place in its model's line: higher priority first, then the order of submission."""
+    """Return a task's place in its model's line: higher priority first, then the order of submission.
+
+    Given the task's owner, `acquire` makes it fair within a priority: the line is round robin
+    across users. Each owner's tasks take turns 1, 2, 3, … in the order they join, a newcomer's
+    first turn being the line's current turn (that of the last task to leave it), and the line
+    is ordered by priority, then turn, then submission. So a user with 40 tasks waiting does not
+    hold up another's task submitted after them for more than about one task per waiting user:
+    the newcomer's task is next in line once the tasks of its turn have started.
+    """
     return (10 - priority) * 10**12 + task_id
 
 

@@ -115,7 +115,7 @@ def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pendin
     budget = pending.params.get("max_tokens") or spec.default_max_tokens
     tokens = estimate_tokens(pending.prompt_chars, pending.params.get("system"), budget)
     place = line_place(pending.priority, task_id)
-    verdict, hold = model_limits().acquire(spec, job_id or f"task-{task_id}", tokens, task_id, place)
+    verdict, hold = model_limits().acquire(spec, job_id or f"task-{task_id}", tokens, task_id, place, pending.user_id)
     wake(spec, verdict.woken)
     if verdict.allowed:
         breaker = Breaker(spec.name).check(probe_seconds=spec.timeout)

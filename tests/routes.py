@@ -131,6 +131,15 @@ ROUTES: dict[tuple[str, str], tuple[str, dict]] = {
     ("GET", "/api/v1/webhooks"): ("/api/v1/webhooks", API),
     # Webhook endpoints are per user for admins too, like tokens.
     ("DELETE", "/api/v1/webhooks/<int:webhook_id>"): ("/api/v1/webhooks/{endpoint}", {**OWNED_API, "admin": 404}),
+    ("GET", "/batches"): ("/batches", PAGE),
+    ("POST", "/batches"): ("/batches", PAGE),
+    ("GET", "/batches/<batch:batch_id>"): ("/batches/{batch}", {**OWNED_PAGE, "admin": 404}),
+    ("GET", "/batches/<batch:batch_id>/live"): ("/batches/{batch}/live", {**OWNED_PAGE, "admin": 404}),
+    ("POST", "/batches/<batch:batch_id>/cancel"): ("/batches/{batch}/cancel", {**OWNED_PAGE, "admin": 404}),
+    ("GET", "/batches/<batch:batch_id>/<any('output.jsonl', 'errors.jsonl', 'output.csv', 'errors.csv'):name>"): (
+        "/batches/{batch}/output.jsonl",
+        {**OWNED_PAGE, "admin": 404},
+    ),
     ("GET", "/webhooks"): ("/webhooks", PAGE),
     ("POST", "/webhooks"): ("/webhooks", PAGE),
     ("GET", "/webhooks/<id:endpoint_id>"): ("/webhooks/{endpoint}", {**OWNED_PAGE, "admin": 404}),

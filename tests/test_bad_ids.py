@@ -60,9 +60,9 @@ def call(world, rule_key: tuple[str, str], path: str, follow: bool = False):
 
 
 def test_every_id_route_is_known():
-    """Every route with an id is checked: pages take <id:…>, the API <int:…> with a bounded path model."""
+    """Every route with an id is checked: pages take <id:…> (or <batch:…>), the API a bounded path model."""
     assert len(ID_ROUTES) >= 24
-    assert all("<id:" in rule for _, rule in ID_ROUTES if not rule.startswith("/api/"))
+    assert all("<id:" in rule or "<batch:" in rule for _, rule in ID_ROUTES if not rule.startswith("/api/"))
 
 
 def test_ids_out_of_range_are_404_or_422(id_world):

@@ -16,6 +16,8 @@ tests/test_embedded_input.py runs the whole check again on SQLite and the embedd
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 from functools import cache
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from sqlalchemy import select
 
 from tests import browser as parts
 from tests.browser import expect, needs_chromium, sign_in, wait_finished
-from tests.helpers import api_client, make_user, seed
+from tests.helpers import api_client, make_user, seed, wait_for
 from tests.routes import LOGIN, OK, PUBLIC_URL, ROUTES
 from webapp.extensions import db
 from webapp.models import Task
@@ -44,8 +46,10 @@ PARTIALS = {
     "/tasks/<id:task_id>/row",
     "/admin/stats",
     "/webhooks/<id:endpoint_id>/deliveries",
+    "/batches/<batch:batch_id>/live",
+    "/batches/<batch:batch_id>/<any('output.jsonl', 'errors.jsonl', 'output.csv', 'errors.csv'):name>",
 }
-PLACEHOLDERS = {"task_id": "tasks", "endpoint_id": "endpoints"}
+PLACEHOLDERS = {"task_id": "tasks", "endpoint_id": "endpoints", "batch_id": "batches"}
 SCHEMES = ("light", "dark")  # static/app.css follows prefers-color-scheme
 # axe reports what it cannot decide as "incomplete": a label in its background's own colour
 # (the invisible buttons of issue 12: "1:1 contrast ratio") is one of those, so undecided nodes
@@ -137,7 +141,32 @@ def objects(app, fake_provider) -> dict[str, list[int]]:
 
     with app.app_context():
         endpoint, _ = _webhook(api.user.id)
-    return {"tasks": [done, failed, cancelled, running], "endpoints": [endpoint]}
+    return {"tasks": [done, failed, cancelled, running], "endpoints": [endpoint], "batches": _batches(api)}
+
+
+def _batches(api) -> list[str]:
+    """alice's batches: one that failed validation, one with an answer and a failed line."""
+    good = {
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "fake", "messages": [{"role": "user", "content": "Hi"}]},
+    }
+    lines = b"".join(
+        json.dumps({**good, "custom_id": name, "body": {**good["body"], "model": model}}).encode() + b"\n"
+        for name, model in (("a", "fake"), ("b", "no-such-model"))
+    )
+    ids = []
+    for status, data in (("completed", lines), ("failed", lines + b"{broken\n")):
+        uploaded = api.post("/files", data={"file": (io.BytesIO(data), "in.jsonl"), "purpose": "batch"})
+        body = {
+            "input_file_id": uploaded.get_json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }
+        batch_id = api.post("/batches", json=body).get_json()["id"]
+        wait_for(lambda b=batch_id, s=status: api.get(f"/batches/{b}").get_json()["status"] == s, timeout=30)
+        ids.append(batch_id)
+    return ids
 
 
 def visit_every_page(page, role: str, objects: dict) -> list[str]:

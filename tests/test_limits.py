@@ -47,11 +47,14 @@ def test_freed_slots_go_to_the_line_in_order_of_priority_then_submission(app, on
 def test_a_dead_workers_slots_expire_into_the_line(app, one_slot):
     with app.app_context():
         line = model_limits()
-        line.lease_seconds = 0.3  # the dead worker's hold is never renewed
-        line.acquire(one_slot, "job-dead", 10, 1, line_place(5, 1))
-        assert not line.acquire(one_slot, "job-2", 10, 2, line_place(5, 2))[0].allowed
-        time.sleep(0.4)
-        assert line.pump(one_slot) == (2,)
+        lease, line.lease_seconds = line.lease_seconds, 0.3  # the dead worker's hold is never renewed
+        try:
+            line.acquire(one_slot, "job-dead", 10, 1, line_place(5, 1))
+            assert not line.acquire(one_slot, "job-2", 10, 2, line_place(5, 2))[0].allowed
+            time.sleep(0.4)
+            assert line.pump(one_slot) == (2,)
+        finally:
+            line.lease_seconds = lease  # the app's limits outlive the test: the next ones get real leases
 
 
 def test_tasks_over_the_concurrency_wait_in_line_then_run_in_turn(app, api, fake_provider):
@@ -87,3 +90,23 @@ def test_tasks_over_the_concurrency_wait_in_line_then_run_in_turn(app, api, fake
         for hold in busy[1:]:
             model_limits().release(hold)
         assert model_limits().waiting(["fake-narrow"]) == set() and model_limits().in_flight("fake-narrow") == 0
+
+
+def test_the_line_is_round_robin_across_owners_within_a_priority(app, one_slot):
+    with app.app_context():
+        line = model_limits()
+        running = line.acquire(one_slot, "job-1", 10, 1, line_place(5, 1), owner=1)[1]
+        for task_id in (2, 3, 4):  # owner 1's backlog
+            assert not line.acquire(one_slot, f"job-{task_id}", 10, task_id, line_place(5, task_id), owner=1)[0].allowed
+        assert not line.acquire(one_slot, "job-5", 10, 5, line_place(5, 5), owner=2)[0].allowed  # owner 2, later
+        assert not line.acquire(one_slot, "job-6", 10, 6, line_place(9, 6), owner=1)[0].allowed  # a higher priority
+        order, hold = [], running
+        while True:
+            woken = line.release(hold)
+            if not woken:
+                break
+            order.extend(woken)
+            hold = line.acquire(one_slot, f"job-{woken[0]}b", 10, woken[0], line_place(5, woken[0]), owner=1)[1]
+        # Priority first; then owner 2's task right after owner 1's first, not after all three.
+        assert order == [6, 2, 5, 3, 4]
+        assert line.connection.exists("atr:limit:one-slot:turns") == 0  # an empty line starts its turns again

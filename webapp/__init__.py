@@ -105,6 +105,8 @@ def create_app(overrides: dict | None = None) -> App:
     app.extensions["catalog"] = load_catalog(app.config)
 
     from . import auth, batch_models, cli, rq_dashboard  # noqa: F401 (auth registers the session user loader)
+
+    # Importing api_batches, api_events and api_webhooks adds their routes to the API's blueprint.
     from .views import (  # noqa: F401
         account,
         api,
@@ -112,6 +114,7 @@ def create_app(overrides: dict | None = None) -> App:
         api_docs,
         api_events,
         api_webhooks,
+        batches,
         errors,
         metrics,
         pages,
@@ -129,6 +132,7 @@ def create_app(overrides: dict | None = None) -> App:
     app.register_blueprint(account.bp)
     app.register_blueprint(usage.bp)
     app.register_blueprint(webhooks.bp)
+    app.register_blueprint(batches.bp)
     app.register_blueprint(admin_views.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(api_docs.bp)

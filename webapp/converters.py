@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from werkzeug.routing import IntegerConverter
+from werkzeug.routing import BaseConverter, IntegerConverter
 
 from .models import MAX_ID
 
@@ -18,5 +18,12 @@ class IdConverter(IntegerConverter):
         super().__init__(map, min=1, max=MAX_ID)
 
 
+class BatchIdConverter(BaseConverter):
+    """`<batch:name>`: a batch id as this app makes them (batch_ and 24 hex digits), else a 404."""
+
+    regex = r"batch_[0-9a-f]{24}"
+
+
 def init_app(app) -> None:
     app.url_map.converters["id"] = IdConverter
+    app.url_map.converters["batch"] = BatchIdConverter

@@ -73,6 +73,7 @@ class Pending(NamedTuple):
     prompt_chars: int
     params: dict
     asked: str = ""
+    user_id: int | None = None  # whose turn it is in a model's fair-share line
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,9 @@ _tasks = Task.__table__
 _attempts = TaskAttempt.__table__
 # The model a task runs on now: the one asked for until it falls back (`fall_back`).
 _runs_on = func.coalesce(_tasks.c.active_model, _tasks.c.model)
-_PENDING = select(_runs_on, _tasks.c.priority, func.length(_tasks.c.prompt), _tasks.c.params, _tasks.c.model).where(
-    _tasks.c.id == bindparam("b_id"), _tasks.c.status == TaskStatus.PENDING.value
-)
+_PENDING = select(
+    _runs_on, _tasks.c.priority, func.length(_tasks.c.prompt), _tasks.c.params, _tasks.c.model, _tasks.c.user_id
+).where(_tasks.c.id == bindparam("b_id"), _tasks.c.status == TaskStatus.PENDING.value)
 _CLAIMED = (
     _tasks.c.attempts,
     _tasks.c.max_attempts,
@@ -204,7 +205,7 @@ def _claim_of(task_id: int, row) -> Claim:
 def pending_task(task_id: int) -> Pending | None:
     """Return a PENDING task's model, priority and size, or None when it is not PENDING (or gone)."""
     row = _first(_PENDING, {"b_id": task_id})
-    return Pending(row[0], row[1], row[2] or 0, row[3] or {}, row[4]) if row else None
+    return Pending(row[0], row[1], row[2] or 0, row[3] or {}, row[4], row[5]) if row else None
 
 
 def prompt_of(task_id: int) -> str | None:

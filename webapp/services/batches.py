@@ -9,6 +9,7 @@ finalizing, then completed (or cancelled, or expired) with its output and error 
 from __future__ import annotations
 
 import logging
+import re
 from datetime import timedelta
 
 from flask import current_app
@@ -20,10 +21,13 @@ from ..errors import ConflictError, NotFoundError, RateLimitedError, ValidationE
 from ..extensions import db
 from ..lifecycle import batches as lifecycle
 from ..models import User, utcnow
-from ..queues import enqueue_call
+from ..queues import enqueue_call, redis
 from .files import get_file
 
 log = logging.getLogger(__name__)
+# What a batch or file id can look like (ours are batch_/file- and 24 hex digits): anything else
+# is not looked up at all (a NUL byte could not even be sent to PostgreSQL).
+PUBLIC_ID = re.compile(r"[A-Za-z0-9_-]{1,40}")
 
 ENDPOINTS = ("/v1/chat/completions",)
 WINDOWS = {"24h": timedelta(hours=24)}
@@ -35,6 +39,7 @@ LIST_MAX = 100
 STUCK_SECONDS = 120
 INTAKE_JOB = "jobs.batches.intake"
 ADVANCE_JOB = "jobs.batches.advance"
+NUDGE_SECONDS = 5
 
 
 class BatchNotFoundError(NotFoundError):
@@ -136,8 +141,17 @@ def _start_job(function: str, batch_id: str) -> None:
         log.warning("batch %s: job %s not enqueued (%s); the sweeper will run it", batch_id, function, exc)
 
 
+def _nudge(batch_id: str) -> None:
+    """Enqueue the job that moves a finished batch on, at most once per NUDGE_SECONDS however often it is read."""
+    try:
+        if redis().set(f"atr:batch:{batch_id}:nudged", 1, nx=True, ex=NUDGE_SECONDS):
+            enqueue_call(ADVANCE_JOB, batch_id)
+    except RedisError as exc:
+        log.warning("batch %s: not moved on now (%s); the sweeper will", batch_id, exc)
+
+
 def get_batch(user: User, batch_id: str) -> Batch:
-    batch = db.session.get(Batch, batch_id) if len(batch_id) <= 40 else None
+    batch = db.session.get(Batch, batch_id) if PUBLIC_ID.fullmatch(batch_id) else None
     if batch is None or batch.user_id != user.id:
         raise BatchNotFoundError(batch_id)
     return batch
@@ -155,7 +169,7 @@ def batch_view(batch: Batch) -> dict:
     """Return the batch object, nudging a batch whose lines have all finished towards its end."""
     counts = request_counts(batch)
     if batch.status == BatchStatus.IN_PROGRESS.value and counts["completed"] + counts["failed"] >= counts["total"]:
-        _start_job(ADVANCE_JOB, batch.id)
+        _nudge(batch.id)
     return batch.to_dict(counts)
 
 

@@ -8,6 +8,7 @@ line too many) leaves nothing behind, and no process holds more than a chunk of 
 from __future__ import annotations
 
 import json
+import re
 from typing import BinaryIO
 
 from flask import current_app
@@ -129,7 +130,7 @@ def _check_first_line(text: str, number: int) -> None:
 
 def get_file(user: User, file_id: str) -> StoredFile:
     """Return one of the user's files, or raise a 404."""
-    stored = db.session.get(StoredFile, file_id) if len(file_id) <= 40 else None
+    stored = db.session.get(StoredFile, file_id) if re.fullmatch(r"[A-Za-z0-9_-]{1,40}", file_id) else None
     if stored is None or stored.user_id != user.id:
         raise FileMissingError(file_id)
     return stored

@@ -252,7 +252,7 @@ def decode_cursor(cursor: str) -> int:
         ) from None
 
 
-def _filtered(user: User, status: str | None, model: str | None, search: str | None):
+def _filtered(user: User, status: str | None, model: str | None, search: str | None, batch: str | None = None):
     """Return a select of the user's own tasks matching the filters; raise ValidationError for a bad status."""
     if status is not None and status not in TaskStatus.__members__:
         raise ValidationError(f"Unknown status {status!r}.", {"status": f"one of {', '.join(TaskStatus.__members__)}"})
@@ -270,6 +270,10 @@ def _filtered(user: User, status: str | None, model: str | None, search: str | N
             )
         escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(Task.prompt.ilike(f"%{escaped}%", escape="\\"))
+    if batch:
+        if len(batch) > 40 or text_problem(batch):
+            raise ValidationError("That is not a batch id.", {"batch": "not a batch id"})
+        query = query.where(Task.batch_id == batch)
     return query
 
 
@@ -313,6 +317,7 @@ def history_page(
     before: str | None = None,
     after: str | None = None,
     limit: int = 20,
+    batch: str | None = None,
 ) -> HistoryPage:
     """Return the page of tasks just older than `before`, just newer than `after`, or the newest.
 
@@ -320,7 +325,7 @@ def history_page(
     it is, and tasks submitted meanwhile do not shift the pages.
     """
     _check_limit(limit)
-    query = _filtered(user, status, model, search)
+    query = _filtered(user, status, model, search, batch)
     if after:
         pivot = decode_cursor(after)
         rows = list(db.session.scalars(query.where(Task.id > pivot).order_by(Task.id.asc()).limit(limit + 1)))

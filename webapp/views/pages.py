@@ -405,6 +405,7 @@ def history():
         "q": request.args.get("q", "").strip(),
         "status": request.args.get("status", ""),
         "model": request.args.get("model", ""),
+        "batch": request.args.get("batch", "").strip(),
     }
     error = None
     try:
@@ -416,6 +417,7 @@ def history():
             before=request.args.get("before") or None,
             after=request.args.get("after") or None,
             limit=current_app.config["HISTORY_PAGE_SIZE"],
+            batch=filters["batch"] or None,
         )
     except ValidationError as exc:
         error = exc.message
