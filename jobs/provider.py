@@ -234,14 +234,6 @@ def classify_status(exc: openai.APIStatusError) -> ProviderError:
         return ProviderError(
             "not_found", f"The provider does not know this model (HTTP 404){detail}.", False, http_status=status
         )
-    if status in (400, 413, 422) and _about_context(exc):
-        return ProviderError(
-            "context_length",
-            f"The prompt does not fit the model's context window (HTTP {status}){detail}. "
-            "Shorten the prompt or lower max_tokens.",
-            False,
-            http_status=status,
-        )
     return ProviderError(
         "invalid_request", f"The provider rejected the request (HTTP {status}){detail}.", False, http_status=status
     )
