@@ -62,8 +62,9 @@ class HandedBack(Exception):
     """The attempt gave its task back (the worker is shutting down)."""
 
 
-# What `_admit` returns when the task moved on to its next model: admit it again, on that one.
-MOVED_ON = object()
+# What `Attempt._admit` decided: go on to the claim; leave the task waiting (its job ends); or
+# admit it again, on the next model of its chain it moved on to.
+ADMITTED, WAITING, MOVED_ON = "admitted", "waiting", "moved_on"
 
 
 def backoff_delay(attempt: int, retry_after: float | None) -> float:
@@ -79,70 +80,7 @@ def backoff_delay(attempt: int, retry_after: float | None) -> float:
 def run_task(task_id: int) -> str:
     """Run one attempt of a task; return how it ended (RQ keeps only this word)."""
     job = get_current_job()
-    job_id = job.id if job else None
-    label = job_id or "-"
-    while True:  # once per model of the fallback chain at most: each pass moves along it
-        pending = with_database(lambda: attempts.pending_task(task_id))
-        if pending is None:
-            events.skipped(task_id, label)
-            return "skipped"
-        spec = catalog().get(pending.model)
-        hold = None
-        if spec is None:
-            break
-        hold = _admit(task_id, job_id, label, spec, pending)
-        if hold is None:
-            return "waiting"
-        if hold is not MOVED_ON:
-            break
-    try:
-        return _run_claimed(task_id, job_id, label, spec, hold)
-    finally:
-        if hold is not None:
-            wake(spec, model_limits().release(hold, hold.used))
-
-
-def _admit(task_id: int, job_id: str | None, label: str, spec: ModelSpec, pending: attempts.Pending) -> Hold | None:
-    """Take a place under the model's limits and past its breaker, or leave the task waiting (None).
-
-    MOVED_ON when the model is unavailable (the prompt does not fit it, its breaker is open)
-    and the task moved on to the next model of its chain.
-    """
-    nxt = next_model(pending.asked or pending.model, spec.name)
-    if nxt and spec.context_window and not _fits(task_id, spec, pending.params):
-        note = Note(spec.name, "context_length", "prompt too long")
-        return MOVED_ON if _move_on(task_id, spec.name, nxt, note, label, job_id=job_id) else None
-    budget = pending.params.get("max_tokens") or spec.default_max_tokens
-    tokens = estimate_tokens(pending.prompt_chars, pending.params.get("system"), budget)
-    place = line_place(pending.priority, task_id)
-    verdict, hold = model_limits().acquire(spec, job_id or f"task-{task_id}", tokens, task_id, place, pending.user_id)
-    wake(spec, verdict.woken)
-    if verdict.allowed:
-        breaker = Breaker(spec.name).check(probe_seconds=spec.timeout)
-        if breaker.allowed:
-            return hold
-        wake(spec, model_limits().release(hold))
-        if nxt:
-            note = Note(spec.name, "circuit_open", "circuit open")
-            return MOVED_ON if _move_on(task_id, spec.name, nxt, note, label, job_id=job_id) else None
-        wait, reason = breaker.wait, "circuit open"
-    elif verdict.limit == "concurrency":
-        events.in_line(task_id, label, spec.name)
-        return None
-    else:
-        wait, reason = verdict.wait, f"{verdict.limit} limit"
-    delay = wait + random.uniform(0, 1)  # spread the waiting tasks out
-    new_job = with_database(lambda: attempts.defer(task_id, job_id, pending.priority, spec.name, delay))
-    events.paused(task_id, label, spec.name, delay, new_job, reason)
-    return None
-
-
-def _fits(task_id: int, spec: ModelSpec, params: dict) -> bool:
-    """Return whether the prompt and its longest answer fit the model's context window (as at submit)."""
-    prompt = with_database(lambda: attempts.prompt_of(task_id))
-    if prompt is None:
-        return True  # gone: the claim finds nothing
-    return fits(spec, prompt, params)
+    return Attempt(task_id, job.id if job else None).run()
 
 
 def next_model(asked: str, runs_on: str) -> str | None:
@@ -183,29 +121,6 @@ def _why(task: Claim, err: ProviderError) -> str:
     return err.short
 
 
-def _move_on(task_id: int, runs_on: str, to: str, note: Note, label: str, **fence) -> bool:
-    """Move the task on to the next model of its chain (not a failure); return whether it moved."""
-    moved = with_database(lambda: attempts.fall_back(task_id, runs_on, to, note, **fence))
-    if moved:
-        events.fell_back(task_id, label, runs_on, to, note.kind, note.detail)
-    return moved
-
-
-def _fall_back(task: Claim, err: ProviderError, breaker: Breaker, job_id: str) -> str | None:
-    """Move the task on when this failure makes its model unavailable and a next model exists.
-
-    Returns how the attempt ended ("fell_back", or "stopped" when the task was no longer
-    ours), or None: no fallback, handle the failure as usual.
-    """
-    nxt = next_model(task.chain_head, task.model)
-    if nxt is None or not unavailable(task, err, breaker):
-        return None
-    note = Note(task.model, err.kind, _why(task, err))
-    if _move_on(task.task_id, task.model, nxt, note, job_id, attempt=task.attempt):
-        return "fell_back"
-    return _gone(task, job_id)
-
-
 def wake(spec: ModelSpec, woken: tuple[int, ...]) -> None:
     """Enqueue the tasks that freed slots went to; a task no longer waiting passes its slot on."""
     left = list(woken)
@@ -213,120 +128,6 @@ def wake(spec: ModelSpec, woken: tuple[int, ...]) -> None:
         task_id = left.pop(0)
         if not with_database(lambda task_id=task_id: attempts.wake(task_id)):
             left.extend(model_limits().unreserve(spec.name, spec.concurrency or 0, task_id))
-
-
-def _run_claimed(task_id: int, job_id: str | None, label: str, spec: ModelSpec | None, hold: Hold | None) -> str:
-    task = _claim(task_id, job_id)
-    if task is None:
-        events.skipped(task_id, label)
-        return "skipped"
-    events.claimed(task, label)
-    budget = task.params.get("max_tokens") or (spec.default_max_tokens if spec else 1)
-    tasks = tracker(current_app._get_current_object())
-    entry = tasks.add(task, budget, hold)
-    try:
-        return _attempt(entry, spec, label)
-    except TaskAttemptError:
-        raise
-    except JobTimeoutException:
-        err = ProviderError("timeout", "The attempt ran past the worker's time limit.", transient=True)
-        return _failed_attempt(entry.claim, label, err, "")
-    except DBAPIError as exc:
-        db.session.rollback()
-        if database_unavailable(exc):
-            # The database stayed away longer than DB_RETRY_SECONDS. Leave the task
-            # PROCESSING: its lease runs out and the sweeper hands it back. Never mark it
-            # failed for this.
-            events.database_lost(entry.claim, label)
-            # Not the DBAPIError itself: RQ keeps exception text in Redis, and it names the
-            # SQL's values (the answer).
-            raise TaskAttemptError(f"task {task_id} attempt {entry.claim.attempt}: database error") from None
-        return _crashed(entry.claim, label, exc)
-    except Exception as exc:
-        return _crashed(entry.claim, label, exc)
-    finally:
-        tasks.remove(entry)
-
-
-def _claim(task_id: int, job_id: str | None) -> Claim | None:
-    """Claim the task, waiting out a database restart; a lost commit reply is recognised."""
-    lost_reply = False
-
-    def attempt() -> Claim | None:
-        nonlocal lost_reply
-        try:
-            found = attempts.claim(task_id, job_id)
-        except DBAPIError:
-            lost_reply = True
-            raise
-        if found is None and lost_reply and job_id:
-            return attempts.claimed_by(task_id, job_id)
-        return found
-
-    return with_database(attempt)
-
-
-def _crashed(task: Claim, job_id: str, exc: BaseException) -> str:
-    events.crashed(task, job_id)
-    with contextlib.suppress(DBAPIError):
-        attempts.fail(
-            task,
-            "internal",
-            "The worker hit an internal error. Retry the task; if it keeps failing, tell an operator.",
-            note=Note(task.model, "internal", "internal error"),
-        )
-    kind = type(exc).__name__
-    raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: internal error ({kind})") from None
-
-
-def _attempt(keeper: Entry, spec: ModelSpec | None, job_id: str) -> str:
-    task = keeper.claim
-    if spec is None:
-        with_database(
-            lambda: attempts.fail(
-                task,
-                "unknown_model",
-                f"The model {task.model!r} is no longer offered. Submit the prompt again with another model.",
-            )
-        )
-        events.failed(task, job_id, "unknown_model")
-        return "failed"
-    breaker = Breaker(task.model)
-    while True:
-        try:
-            text, usage, pieces, seconds = _stream(keeper, spec, job_id)
-            break
-        except _Gone:
-            return _gone(keeper.claim, job_id)
-        except HandedBack:
-            return "handed_back"
-        except ProviderError as err:
-            task = keeper.claim
-            if err.kind in BREAKER_KINDS:
-                _count_failure(breaker)
-            if moved := _fall_back(task, err, breaker, job_id):
-                return moved
-            if not _wait_inline(task, err, breaker, keeper, job_id, spec):
-                return _failed_attempt(task, job_id, err, err.partial)
-            note = Note(task.model, err.kind, err.short)
-            task = with_database(lambda t=task, n=note: attempts.reclaim(t, n))
-            if task is None:
-                return _gone(keeper.claim, job_id)
-            keeper.claim = task
-            events.claimed(task, job_id)
-    task = keeper.claim
-    if keeper.hold is not None:
-        keeper.hold.used = (usage.prompt_tokens or 0) + (usage.completion_tokens or pieces)
-    if not text.strip():
-        _count_failure(breaker)
-        err = ProviderError("empty_answer", "The model returned an empty answer.", transient=True)
-        return _fall_back(task, err, breaker, job_id) or _failed_attempt(task, job_id, err, text)
-    breaker.success()
-    tokens = usage.completion_tokens or pieces
-    if not _finish(task, text, usage.prompt_tokens, tokens, usage.finish_reason):
-        return _gone(task, job_id)
-    events.completed(task, job_id, tokens, seconds, usage.prompt_tokens, spec.cost(usage.prompt_tokens, tokens))
-    return "completed"
 
 
 def _count_failure(breaker: Breaker) -> None:
@@ -338,112 +139,341 @@ class _Gone(Exception):
     """The task was cancelled, deleted or taken back while the attempt ran."""
 
 
-def _stream(keeper: Entry, spec: ModelSpec, job_id: str) -> tuple[str, Usage, int, float]:
-    """Stream one provider call into the row; return (text, usage, pieces, seconds).
+class Attempt:
+    """One job's run of a task, from the read before its claim to its one final write.
 
-    Raises ProviderError (with the text so far as `partial`), _Gone, or HandedBack when the
-    worker's grace period ran out mid-stream.
+    It holds what every step needs: the task id; the RQ job id (None outside a worker) and the
+    label log lines carry for it; the model's spec; the place it holds under the model's limits
+    (`hold`); and, once claimed, its tracker entry: the claim and the pieces streamed so far.
+    Each method is one step; the status changes themselves are `webapp.lifecycle.attempts`.
     """
-    task = keeper.claim
-    if drain.draining:
-        _hand_back_for_shutdown(task, job_id)
-    usage = Usage()
-    # The tracker writes the text so far and the progress (the share of the token budget
-    # produced, a piece being about a token) from this list, about once a second.
-    pieces: list[str] = []
-    keeper.pieces, keeper.written = pieces, 0
-    started = time.monotonic()
-    try:
-        for piece in stream_answer(spec, task.prompt, task.params, usage):
-            pieces.append(piece)
-            if keeper.lost.is_set():
-                raise _Gone()
-            if drain.expired():
-                _hand_back_for_shutdown(task, job_id)
-    except ProviderError as err:
-        err.partial = "".join(pieces)
-        raise
-    return "".join(pieces), usage, len(pieces), time.monotonic() - started
 
+    def __init__(self, task_id: int, job_id: str | None):
+        self.task_id = task_id
+        self.job_id = job_id
+        self.label = job_id or "-"
+        self.spec: ModelSpec | None = None
+        self.hold: Hold | None = None
+        self.entry: Entry | None = None
 
-def _finish(task: Claim, text: str, prompt_tokens: int | None, tokens: int, finish_reason: str | None) -> bool:
-    """Write the answer, waiting for the database; a lost commit reply is recognised."""
-    lost_reply = False
+    @property
+    def claim(self) -> Claim:
+        """The claim the attempt runs under now (waiting out a short Retry-After renews it)."""
+        assert self.entry is not None, "not claimed yet"
+        return self.entry.claim
 
-    def attempt() -> bool:
-        nonlocal lost_reply
+    def run(self) -> str:
+        """Admit, claim, stream and finish the task; return how it ended."""
+        while True:  # once per model of the fallback chain at most: each pass moves along it
+            pending = with_database(lambda: attempts.pending_task(self.task_id))
+            if pending is None:
+                events.skipped(self.task_id, self.label)
+                return "skipped"
+            self.spec = catalog().get(pending.model)
+            self.hold = None
+            if self.spec is None:
+                break
+            admitted = self._admit(pending)
+            if admitted == WAITING:
+                return "waiting"
+            if admitted == ADMITTED:
+                break
         try:
-            if attempts.complete(task, text, prompt_tokens, tokens, finish_reason):
-                return True
-        except DBAPIError:
-            lost_reply = True
-            raise
-        return lost_reply and attempts.completed_by(task)
+            return self._run_claimed()
+        finally:
+            if self.hold is not None:
+                wake(self.spec, model_limits().release(self.hold, self.hold.used))
 
-    return with_database(attempt)
+    # --- before the claim ----------------------------------------------------------------------
 
+    def _admit(self, pending: attempts.Pending) -> str:
+        """Take a place under the model's limits and past its breaker (ADMITTED, `hold` set).
 
-def _wait_inline(
-    task: Claim, err: ProviderError, breaker: Breaker, keeper: Entry, job_id: str, spec: ModelSpec
-) -> bool:
-    """Wait out a short Retry-After in this worker; return whether to start the next attempt now."""
-    limit = current_app.config["RETRY_INLINE_MAX_SECONDS"]
-    if err.kind != "rate_limited" or err.retry_after is None or err.retry_after > limit:
-        return False
-    if task.attempt >= task.max_attempts or drain.draining or breaker.remaining() > 0:
-        return False
-    events.waiting(task, job_id, err, err.retry_after)
-    deadline = time.monotonic() + err.retry_after
-    while (left := deadline - time.monotonic()) > 0:
-        if drain.wait(min(left, 0.5)) or keeper.lost.is_set():
-            return False  # shutting down or no longer ours: hand back the usual way
-    if not breaker.check().allowed:
-        return False
-    if keeper.hold is None:
-        return True
-    # The next call counts against the model's requests and tokens per minute too; its slot is kept.
-    budget = task.params.get("max_tokens") or spec.default_max_tokens
-    tokens = estimate_tokens(len(task.prompt), task.params.get("system"), budget)
-    place = line_place(task.priority, task.task_id)
-    verdict, hold = model_limits().acquire(spec, keeper.hold.holder, tokens, task.task_id, place)
-    if hold is not None:
-        keeper.hold.tokens += hold.tokens
-    return verdict.allowed
-
-
-def _hand_back_for_shutdown(task: Claim, job_id: str) -> None:
-    """Give the task back at once, attempt refunded, with a job ready for another worker."""
-    next_job = enqueue(task.task_id, task.priority, task.model, why="handed back")
-    message = SHUT_DOWN + attempts.RUNS_AGAIN
-    if with_database(lambda: attempts.hand_back(task, "shutdown", message, 0, next_job, refund=True)):
-        events.handed_back(task, job_id, "shutdown", next_job)
-    raise HandedBack()
-
-
-def _gone(task: Claim, job_id: str) -> str:
-    events.stopped(task, job_id)
-    return "stopped"
-
-
-def _failed_attempt(task: Claim, job_id: str, err: ProviderError, text: str) -> str:
-    """Hand the task back for a later attempt, or fail it; then tell RQ the attempt failed."""
-    if err.transient and task.attempt < task.max_attempts:
-        delay = backoff_delay(task.attempt, err.retry_after)
-        # Never due while its model's breaker is open: it would only be deferred again.
-        delay = max(delay, Breaker(task.model).remaining())
-        # The job for the next attempt is created first; if the fenced write then misses (the
-        # task was cancelled meanwhile) that job finds nothing to claim and ends quietly.
-        next_job = enqueue(task.task_id, task.priority, task.model, delay, why="handed back")
-        message = f"{err.message} Attempt {task.attempt} of {task.max_attempts} failed; retrying in {delay:.0f} s."
-        note = Note(task.model, err.kind, err.short)
-        with_database(lambda: attempts.hand_back(task, err.kind, message, delay, next_job, note=note))
-        events.retrying(task, job_id, err, delay, next_job)
-    else:
-        if err.transient:
-            message = f"{err.message} Gave up after {task.attempt} attempts; retry the task later."
+        WAITING when the task was left waiting (in the model's line, or deferred); MOVED_ON when
+        the model is unavailable (the prompt does not fit it, its breaker is open) and the task
+        moved on to the next model of its chain.
+        """
+        spec = self.spec
+        nxt = next_model(pending.asked or pending.model, spec.name)
+        if nxt and spec.context_window and not self._fits(pending.params):
+            note = Note(spec.name, "context_length", "prompt too long")
+            return MOVED_ON if self._move_on(spec.name, nxt, note, job_id=self.job_id) else WAITING
+        budget = pending.params.get("max_tokens") or spec.default_max_tokens
+        tokens = estimate_tokens(pending.prompt_chars, pending.params.get("system"), budget)
+        place = line_place(pending.priority, self.task_id)
+        holder = self.job_id or f"task-{self.task_id}"
+        verdict, hold = model_limits().acquire(spec, holder, tokens, self.task_id, place, pending.user_id)
+        wake(spec, verdict.woken)
+        if verdict.allowed:
+            breaker = Breaker(spec.name).check(probe_seconds=spec.timeout)
+            if breaker.allowed:
+                self.hold = hold
+                return ADMITTED
+            wake(spec, model_limits().release(hold))
+            if nxt:
+                note = Note(spec.name, "circuit_open", "circuit open")
+                return MOVED_ON if self._move_on(spec.name, nxt, note, job_id=self.job_id) else WAITING
+            wait, reason = breaker.wait, "circuit open"
+        elif verdict.limit == "concurrency":
+            events.in_line(self.task_id, self.label, spec.name)
+            return WAITING
         else:
-            message = err.message
-        note = Note(task.model, err.kind, err.short)
-        with_database(lambda: attempts.fail(task, err.kind, message, text, note=note))
-        events.failed(task, job_id, err.kind)
-    raise TaskAttemptError(f"task {task.task_id} attempt {task.attempt}: {err.kind}") from None
+            wait, reason = verdict.wait, f"{verdict.limit} limit"
+        delay = wait + random.uniform(0, 1)  # spread the waiting tasks out
+        new_job = with_database(lambda: attempts.defer(self.task_id, self.job_id, pending.priority, spec.name, delay))
+        events.paused(self.task_id, self.label, spec.name, delay, new_job, reason)
+        return WAITING
+
+    def _fits(self, params: dict) -> bool:
+        """Return whether the prompt and its longest answer fit the model's context window (as at submit)."""
+        prompt = with_database(lambda: attempts.prompt_of(self.task_id))
+        if prompt is None:
+            return True  # gone: the claim finds nothing
+        return fits(self.spec, prompt, params)
+
+    def _move_on(self, runs_on: str, to: str, note: Note, **fence) -> bool:
+        """Move the task on to the next model of its chain (not a failure); return whether it moved."""
+        moved = with_database(lambda: attempts.fall_back(self.task_id, runs_on, to, note, **fence))
+        if moved:
+            events.fell_back(self.task_id, self.label, runs_on, to, note.kind, note.detail)
+        return moved
+
+    # --- claimed -------------------------------------------------------------------------------
+
+    def _run_claimed(self) -> str:
+        """Claim the task and run it to one final write, whatever goes wrong on the way."""
+        claim = self._claim()
+        if claim is None:
+            events.skipped(self.task_id, self.label)
+            return "skipped"
+        events.claimed(claim, self.label)
+        budget = claim.params.get("max_tokens") or (self.spec.default_max_tokens if self.spec else 1)
+        running = tracker(current_app._get_current_object())
+        self.entry = running.add(claim, budget, self.hold)
+        try:
+            return self._answer()
+        except TaskAttemptError:
+            raise
+        except JobTimeoutException:
+            err = ProviderError("timeout", "The attempt ran past the worker's time limit.", transient=True)
+            return self._failed(err, "")
+        except DBAPIError as exc:
+            db.session.rollback()
+            if database_unavailable(exc):
+                # The database stayed away longer than DB_RETRY_SECONDS. Leave the task
+                # PROCESSING: its lease runs out and the sweeper hands it back. Never mark it
+                # failed for this.
+                events.database_lost(self.claim, self.label)
+                # Not the DBAPIError itself: RQ keeps exception text in Redis, and it names the
+                # SQL's values (the answer).
+                raise TaskAttemptError(f"task {self.task_id} attempt {self.claim.attempt}: database error") from None
+            return self._crashed(exc)
+        except Exception as exc:
+            return self._crashed(exc)
+        finally:
+            running.remove(self.entry)
+
+    def _claim(self) -> Claim | None:
+        """Claim the task, waiting out a database restart; a lost commit reply is recognised."""
+        lost_reply = False
+
+        def claim() -> Claim | None:
+            nonlocal lost_reply
+            try:
+                found = attempts.claim(self.task_id, self.job_id)
+            except DBAPIError:
+                lost_reply = True
+                raise
+            if found is None and lost_reply and self.job_id:
+                return attempts.claimed_by(self.task_id, self.job_id)
+            return found
+
+        return with_database(claim)
+
+    def _answer(self) -> str:
+        """Call the model until it answers or the attempt ends another way; return how it ended."""
+        spec = self.spec
+        if spec is None:
+            claim = self.claim
+            with_database(
+                lambda: attempts.fail(
+                    claim,
+                    "unknown_model",
+                    f"The model {claim.model!r} is no longer offered. Submit the prompt again with another model.",
+                )
+            )
+            events.failed(claim, self.label, "unknown_model")
+            return "failed"
+        breaker = Breaker(self.claim.model)
+        while True:
+            try:
+                text, usage, pieces, seconds = self._stream()
+                break
+            except _Gone:
+                return self._gone()
+            except HandedBack:
+                return "handed_back"
+            except ProviderError as err:
+                if err.kind in BREAKER_KINDS:
+                    _count_failure(breaker)
+                if moved := self._fall_back(err, breaker):
+                    return moved
+                if not self._wait_inline(err, breaker):
+                    return self._failed(err, err.partial)
+                claim = self.claim
+                note = Note(claim.model, err.kind, err.short)
+                again = with_database(lambda c=claim, n=note: attempts.reclaim(c, n))
+                if again is None:
+                    return self._gone()
+                self.entry.claim = again
+                events.claimed(again, self.label)
+        if self.hold is not None:
+            self.hold.used = (usage.prompt_tokens or 0) + (usage.completion_tokens or pieces)
+        if not text.strip():
+            _count_failure(breaker)
+            err = ProviderError("empty_answer", "The model returned an empty answer.", transient=True)
+            return self._fall_back(err, breaker) or self._failed(err, text)
+        breaker.success()
+        tokens = usage.completion_tokens or pieces
+        if not self._finish(text, usage.prompt_tokens, tokens, usage.finish_reason):
+            return self._gone()
+        cost = spec.cost(usage.prompt_tokens, tokens)
+        events.completed(self.claim, self.label, tokens, seconds, usage.prompt_tokens, cost)
+        return "completed"
+
+    def _stream(self) -> tuple[str, Usage, int, float]:
+        """Stream one provider call into the row; return (text, usage, pieces, seconds).
+
+        Raises ProviderError (with the text so far as `partial`), _Gone, or HandedBack when the
+        worker's grace period ran out mid-stream.
+        """
+        entry, claim = self.entry, self.claim
+        if drain.draining:
+            self._hand_back_for_shutdown()
+        usage = Usage()
+        # The tracker writes the text so far and the progress (the share of the token budget
+        # produced, a piece being about a token) from this list, about once a second.
+        pieces: list[str] = []
+        entry.pieces, entry.written = pieces, 0
+        started = time.monotonic()
+        try:
+            for piece in stream_answer(self.spec, claim.prompt, claim.params, usage):
+                pieces.append(piece)
+                if entry.lost.is_set():
+                    raise _Gone()
+                if drain.expired():
+                    self._hand_back_for_shutdown()
+        except ProviderError as err:
+            err.partial = "".join(pieces)
+            raise
+        return "".join(pieces), usage, len(pieces), time.monotonic() - started
+
+    def _wait_inline(self, err: ProviderError, breaker: Breaker) -> bool:
+        """Wait out a short Retry-After in this worker; return whether to start the next attempt now."""
+        claim = self.claim
+        limit = current_app.config["RETRY_INLINE_MAX_SECONDS"]
+        if err.kind != "rate_limited" or err.retry_after is None or err.retry_after > limit:
+            return False
+        if claim.attempt >= claim.max_attempts or drain.draining or breaker.remaining() > 0:
+            return False
+        events.waiting(claim, self.label, err, err.retry_after)
+        deadline = time.monotonic() + err.retry_after
+        while (left := deadline - time.monotonic()) > 0:
+            if drain.wait(min(left, 0.5)) or self.entry.lost.is_set():
+                return False  # shutting down or no longer ours: hand back the usual way
+        if not breaker.check().allowed:
+            return False
+        if self.hold is None:
+            return True
+        # The next call counts against the model's requests and tokens per minute too; its slot is kept.
+        budget = claim.params.get("max_tokens") or self.spec.default_max_tokens
+        tokens = estimate_tokens(len(claim.prompt), claim.params.get("system"), budget)
+        place = line_place(claim.priority, claim.task_id)
+        verdict, hold = model_limits().acquire(self.spec, self.hold.holder, tokens, claim.task_id, place)
+        if hold is not None:
+            self.hold.tokens += hold.tokens
+        return verdict.allowed
+
+    # --- how an attempt ends -------------------------------------------------------------------
+
+    def _finish(self, text: str, prompt_tokens: int | None, tokens: int, finish_reason: str | None) -> bool:
+        """Write the answer, waiting for the database; a lost commit reply is recognised."""
+        claim = self.claim
+        lost_reply = False
+
+        def complete() -> bool:
+            nonlocal lost_reply
+            try:
+                if attempts.complete(claim, text, prompt_tokens, tokens, finish_reason):
+                    return True
+            except DBAPIError:
+                lost_reply = True
+                raise
+            return lost_reply and attempts.completed_by(claim)
+
+        return with_database(complete)
+
+    def _fall_back(self, err: ProviderError, breaker: Breaker) -> str | None:
+        """Move the task on when this failure makes its model unavailable and a next model exists.
+
+        Returns how the attempt ended ("fell_back", or "stopped" when the task was no longer
+        ours), or None: no fallback, handle the failure as usual.
+        """
+        claim = self.claim
+        nxt = next_model(claim.chain_head, claim.model)
+        if nxt is None or not unavailable(claim, err, breaker):
+            return None
+        note = Note(claim.model, err.kind, _why(claim, err))
+        if self._move_on(claim.model, nxt, note, attempt=claim.attempt):
+            return "fell_back"
+        return self._gone()
+
+    def _hand_back_for_shutdown(self) -> None:
+        """Give the task back at once, attempt refunded, with a job ready for another worker."""
+        claim = self.claim
+        next_job = enqueue(claim.task_id, claim.priority, claim.model, why="handed back")
+        message = SHUT_DOWN + attempts.RUNS_AGAIN
+        if with_database(lambda: attempts.hand_back(claim, "shutdown", message, 0, next_job, refund=True)):
+            events.handed_back(claim, self.label, "shutdown", next_job)
+        raise HandedBack()
+
+    def _gone(self) -> str:
+        events.stopped(self.claim, self.label)
+        return "stopped"
+
+    def _failed(self, err: ProviderError, text: str) -> str:
+        """Hand the task back for a later attempt, or fail it; then tell RQ the attempt failed."""
+        claim = self.claim
+        note = Note(claim.model, err.kind, err.short)
+        if err.transient and claim.attempt < claim.max_attempts:
+            delay = backoff_delay(claim.attempt, err.retry_after)
+            # Never due while its model's breaker is open: it would only be deferred again.
+            delay = max(delay, Breaker(claim.model).remaining())
+            # The job for the next attempt is created first; if the fenced write then misses (the
+            # task was cancelled meanwhile) that job finds nothing to claim and ends quietly.
+            next_job = enqueue(claim.task_id, claim.priority, claim.model, delay, why="handed back")
+            tried = f"Attempt {claim.attempt} of {claim.max_attempts} failed"
+            message = f"{err.message} {tried}; retrying in {delay:.0f} s."
+            with_database(lambda: attempts.hand_back(claim, err.kind, message, delay, next_job, note=note))
+            events.retrying(claim, self.label, err, delay, next_job)
+        else:
+            if err.transient:
+                message = f"{err.message} Gave up after {claim.attempt} attempts; retry the task later."
+            else:
+                message = err.message
+            with_database(lambda: attempts.fail(claim, err.kind, message, text, note=note))
+            events.failed(claim, self.label, err.kind)
+        raise TaskAttemptError(f"task {claim.task_id} attempt {claim.attempt}: {err.kind}") from None
+
+    def _crashed(self, exc: BaseException) -> str:
+        claim = self.claim
+        events.crashed(claim, self.label)
+        with contextlib.suppress(DBAPIError):
+            attempts.fail(
+                claim,
+                "internal",
+                "The worker hit an internal error. Retry the task; if it keeps failing, tell an operator.",
+                note=Note(claim.model, "internal", "internal error"),
+            )
+        kind = type(exc).__name__
+        raise TaskAttemptError(f"task {claim.task_id} attempt {claim.attempt}: internal error ({kind})") from None

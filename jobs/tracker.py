@@ -61,7 +61,8 @@ RETURNING tasks.id
 
 @dataclass(eq=False)
 class Entry:
-    """A running attempt as the tracker sees it."""
+    """A running attempt (`jobs.run_task.Attempt`) as the tracker sees it: its claim, the pieces
+    streamed so far, and the model-limit slot it holds (renewed here)."""
 
     claim: Claim
     budget: int
