@@ -45,6 +45,27 @@ expect = sync_api.expect
 expect.set_options(timeout=15_000)
 
 
+# The widths screenshots and layout checks use.
+WIDTHS = {"desktop": 1280, "phone": 390}
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    """Where screenshots go: SCREENSHOT_DIR (e.g. docs/) to refresh the manual's, else a temp dir."""
+    folder = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def snap(page, path: Path) -> None:
+    """Screenshot the page down to the end of its content (no empty viewport below)."""
+    box = page.locator("main").bounding_box()
+    width = page.viewport_size["width"]
+    page.screenshot(
+        path=str(path), full_page=True, clip={"x": 0, "y": 0, "width": width, "height": box["y"] + box["height"]}
+    )
+
+
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:

@@ -17,8 +17,10 @@ import threading
 import time
 import urllib.request
 from datetime import timedelta
+from html.parser import HTMLParser
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.registry import ScheduledJobRegistry
@@ -312,3 +314,33 @@ def start_gunicorn(env: dict, log_path: Path, *options: str) -> tuple[subprocess
             raise AssertionError(f"gunicorn did not start:\n{log_path.read_text()}")
         time.sleep(0.1)
     return server, match.group(1)
+
+
+# Reading pages and metrics
+
+
+class Tags(HTMLParser):
+    """Every start tag of a page, with its attributes."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def all(self, name: str) -> list[dict]:
+        return [attrs for tag, attrs in self.tags if tag == name]
+
+
+def scrape(client, **headers) -> dict:
+    """GET /metrics and parse it with prometheus_client's own parser: {(name, labels): value}."""
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.get_data(as_text=True)[:300]
+    assert response.headers["Content-Type"].startswith("text/plain; version=")
+    samples = {}
+    for family in text_string_to_metric_families(response.get_data(as_text=True)):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples

@@ -6,14 +6,12 @@ in Chromium, Authorize and Try it out included."""
 from __future__ import annotations
 
 from tests import browser as parts
-from tests import test_browser_newcomer as newcomer
-from tests.browser import expect, needs_chromium
-from tests.helpers import ROOT, api_client, login, make_user
-from tests.test_newcomer import Tags
+from tests.browser import WIDTHS, expect, needs_chromium
+from tests.helpers import ROOT, Tags, api_client, login, make_user
 from webapp.security import CONTENT_SECURITY_POLICY
 
 browser, page, server, watch, worker = parts.browser, parts.page, parts.server, parts.watch, parts.worker
-shots = newcomer.shots
+shots = parts.shots  # where screenshots go
 
 
 def test_the_api_docs_are_served_from_this_site_under_the_sites_csp(app, client):
@@ -62,7 +60,7 @@ def test_the_interactive_api_docs_work_from_this_site(page, app, watch, shots):
         operation.get_by_role("button", name="Execute").click()
     assert answer.value.status == 200
     expect(operation.locator(".live-responses-table")).to_contain_text("200")
-    for label, width in newcomer.WIDTHS.items():
+    for label, width in WIDTHS.items():
         page.set_viewport_size({"width": width, "height": 900})
         page.screenshot(path=str(shots / f"api-docs-{label}.png"))
     assert all(url.startswith(watch.origin) for url in watch.requests)

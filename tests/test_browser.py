@@ -10,20 +10,17 @@ SCREENSHOT_DIR=docs .venv/bin/pytest tests/test_browser.py -k grow   # refresh t
 
 from __future__ import annotations
 
-import os
 import re
 import time
-from pathlib import Path
-
-import pytest
 
 from tests import browser as parts
-from tests.browser import expect, needs_chromium, sign_in, wait_finished
+from tests.browser import expect, needs_chromium, sign_in, snap, wait_finished
 from tests.helpers import make_user, task_row
 
 pytestmark = needs_chromium
 # The browser fixtures, taken by name: a server thread, a worker process, Chromium, a watched page.
 browser, page, server, watch, worker = parts.browser, parts.page, parts.server, parts.watch, parts.worker
+shots = parts.shots  # where screenshots go
 
 # A realistic answer, streamed a word at a time, for the streaming test and the screenshots.
 ANSWER = """A **task queue** lets a web app hand slow work to background workers, so every page answers at once.
@@ -48,23 +45,6 @@ Keep jobs *small* and idempotent: a job may run twice.
 
 def chunks(text: str) -> list[str]:
     return re.findall(r"\S+\s*|\s+", text)
-
-
-@pytest.fixture
-def shots(tmp_path) -> Path:
-    """Where screenshots go: SCREENSHOT_DIR (e.g. docs/) to refresh the manual's, else a temp dir."""
-    folder = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def snap(page, path: Path) -> None:
-    """Screenshot the page down to the end of its content (no empty viewport below)."""
-    box = page.locator("main").bounding_box()
-    width = page.viewport_size["width"]
-    page.screenshot(
-        path=str(path), full_page=True, clip={"x": 0, "y": 0, "width": width, "height": box["y"] + box["height"]}
-    )
 
 
 def task_id_of(page) -> int:

@@ -8,26 +8,13 @@ SCREENSHOT_DIR=/tmp/shots .venv/bin/pytest tests/test_browser_newcomer.py   # ke
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
-
 from tests import browser as parts
-from tests.browser import expect, needs_chromium, sign_in
+from tests.browser import WIDTHS, expect, needs_chromium, sign_in
 from tests.helpers import api_client, make_user
 
 pytestmark = needs_chromium
 browser, page, server, watch, worker = parts.browser, parts.page, parts.server, parts.watch, parts.worker
-
-WIDTHS = {"desktop": 1280, "phone": 390}
-
-
-@pytest.fixture
-def shots(tmp_path) -> Path:
-    folder = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+shots = parts.shots  # where screenshots go
 
 
 def failed_requests(page) -> list[str]:

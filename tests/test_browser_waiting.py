@@ -8,9 +8,8 @@ from __future__ import annotations
 import time
 
 from tests import browser as parts
-from tests.browser import expect, needs_chromium, sign_in, wait_finished
+from tests.browser import expect, needs_chromium, sign_in, snap, wait_finished
 from tests.helpers import api_client, task_row
-from tests.test_browser import snap
 
 pytestmark = needs_chromium
 browser, page, server, watch, worker = parts.browser, parts.page, parts.server, parts.watch, parts.worker

@@ -15,9 +15,8 @@ import pytest
 
 from jobs.breaker import Breaker
 from tests.fake_provider import FakeProvider
-from tests.helpers import api_client, free_port, login, signed_in, work
+from tests.helpers import api_client, free_port, login, scrape, signed_in, work
 from tests.priced import OVERRIDES
-from tests.test_ops import scrape
 from webapp import create_app
 from webapp.extensions import db
 from webapp.models import TaskAttempt

@@ -7,25 +7,9 @@ from __future__ import annotations
 
 import re
 import signal
-from html.parser import HTMLParser
 
-from tests.helpers import csrf_from, error_of, login, make_user, start_gunicorn, wait_for
+from tests.helpers import Tags, csrf_from, error_of, login, make_user, start_gunicorn, wait_for
 from webapp.services import accounts
-
-
-class Tags(HTMLParser):
-    """Every start tag of a page, with its attributes."""
-
-    def __init__(self, html: str):
-        super().__init__()
-        self.tags: list[tuple[str, dict]] = []
-        self.feed(html)
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def all(self, name: str) -> list[dict]:
-        return [attrs for tag, attrs in self.tags if tag == name]
 
 
 def test_the_favicon_is_a_real_icon_at_the_address_browsers_ask(client):

@@ -13,26 +13,13 @@ import zlib
 from datetime import timedelta
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ROOT, api_client, make_user, redis_conn, seed, signed_in, work
+from tests.helpers import ROOT, api_client, make_user, redis_conn, scrape, seed, signed_in, work
 from webapp.extensions import db
 from webapp.models import Task, utcnow
 from webapp.services.retention import cleanup
 
 # Metrics
-
-
-def scrape(client, **headers) -> dict:
-    """GET /metrics and parse it with prometheus_client's own parser: {(name, labels): value}."""
-    response = client.get("/metrics", headers=headers)
-    assert response.status_code == 200, response.get_data(as_text=True)[:300]
-    assert response.headers["Content-Type"].startswith("text/plain; version=")
-    samples = {}
-    for family in text_string_to_metric_families(response.get_data(as_text=True)):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 def test_metrics_guard(client, app):

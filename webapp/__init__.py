@@ -10,9 +10,10 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as cfg
 from . import converters, json_depth, queues, ratelimits, security
+from .bounds import PROMPT_CEILING
 from .extensions import csrf, db, login_manager, migrate, ping_after_idle
 from .logs import setup_logging
-from .schemas import PROMPT_CEILING, ErrorEnvelope
+from .schemas import ErrorEnvelope
 
 __version__ = "0.1.0"
 

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from . import money
+from .bounds import IDEMPOTENCY_KEY_MAX, MODEL_NAME_MAX, PRIORITY_MAX, PRIORITY_MIN
 from .extensions import db
 from .money import Amount, Budget, Price
 
@@ -76,6 +77,13 @@ class TaskStatus(enum.StrEnum):
 
 UNFINISHED = (TaskStatus.PENDING.value, TaskStatus.PROCESSING.value)
 FINISHED = (TaskStatus.COMPLETED.value, TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
+
+
+def sql_in(values) -> str:
+    """Return `('A', 'B')` for a CHECK or an index's WHERE, from the statuses above."""
+    return "(" + ", ".join(f"'{value}'" for value in values) + ")"
+
+
 # Failures another attempt of the same request cannot mend (the provider refused the request,
 # it does not fit the model's context, the model is unknown): the request itself must change.
 NEEDS_EDIT_KINDS = frozenset({"invalid_request", "context_length", "unknown_model", "not_found"})
@@ -161,10 +169,10 @@ class Task(db.Model):
     __tablename__ = "tasks"
     __table_args__ = (
         CheckConstraint(
-            "status IN ('PENDING', 'PROCESSING', 'COMPLETED', 'FAILED', 'CANCELLED')",
+            f"status IN {sql_in(TaskStatus)}",
             name="status",
         ),
-        CheckConstraint("priority BETWEEN 1 AND 10", name="priority"),
+        CheckConstraint(f"priority BETWEEN {PRIORITY_MIN} AND {PRIORITY_MAX}", name="priority"),
         CheckConstraint("progress BETWEEN 0 AND 100", name="progress"),
         # History and API lists: a user's tasks newest first, optionally by status.
         Index("ix_tasks_user_id_id", "user_id", "id"),
@@ -174,8 +182,8 @@ class Task(db.Model):
             "ix_tasks_unfinished",
             "status",
             "run_after",
-            postgresql_where=text("status IN ('PENDING', 'PROCESSING')"),
-            sqlite_where=text("status IN ('PENDING', 'PROCESSING')"),
+            postgresql_where=text(f"status IN {sql_in(UNFINISHED)}"),
+            sqlite_where=text(f"status IN {sql_in(UNFINISHED)}"),
         ),
         Index("ix_tasks_finished_at", "finished_at"),
         # Stats (counts by status, charts) and the retention cleanup: finished tasks by status and time.
@@ -194,7 +202,7 @@ class Task(db.Model):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     prompt: Mapped[str] = mapped_column(Text)
-    model: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(MODEL_NAME_MAX))
     priority: Mapped[int] = mapped_column(SmallInteger, default=5)
     # Generation parameters as submitted: max_tokens, temperature, system.
     params: Mapped[dict] = mapped_column(JsonDoc, default=dict)
@@ -213,7 +221,7 @@ class Task(db.Model):
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     # The catalog model that answered (differs from `model` after a fallback), the prices it
     # charged then (dollars per million tokens), and the answer's cost at those prices.
-    served_by: Mapped[str | None] = mapped_column(String(100))
+    served_by: Mapped[str | None] = mapped_column(String(MODEL_NAME_MAX))
     usd_per_million_input_tokens: Mapped[Decimal | None] = mapped_column(Price)
     usd_per_million_output_tokens: Mapped[Decimal | None] = mapped_column(Price)
     cost_usd: Mapped[Decimal | None] = mapped_column(Amount)
@@ -222,7 +230,7 @@ class Task(db.Model):
     reserved_usd: Mapped[Decimal | None] = mapped_column(Amount)
     reserved_month: Mapped[date | None] = mapped_column(Date)
     # The model of its fallback chain the task runs on now; NULL while it is still on `model`.
-    active_model: Mapped[str | None] = mapped_column(String(100))
+    active_model: Mapped[str | None] = mapped_column(String(MODEL_NAME_MAX))
     # The RQ job of the latest enqueue; only the sweeper and cancellation look at it.
     job_id: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -303,7 +311,7 @@ class TaskAttempt(db.Model):
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
     # The task's attempt number then (a move on from an open circuit breaker spends none).
     attempt: Mapped[int] = mapped_column(Integer)
-    model: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(String(MODEL_NAME_MAX))
     # The error class (provider_error, timeout, rate_limited, context_length, circuit_open, ...)
     # and a few words for people ("HTTP 500").
     kind: Mapped[str] = mapped_column(String(32))
@@ -334,7 +342,7 @@ class UsageDay(db.Model):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
     # The model that answered (served_by).
-    model: Mapped[str] = mapped_column(String(100), primary_key=True)
+    model: Mapped[str] = mapped_column(String(MODEL_NAME_MAX), primary_key=True)
     tasks: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
@@ -349,7 +357,7 @@ class IdempotencyKey(db.Model):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    key: Mapped[str] = mapped_column(String(255))
+    key: Mapped[str] = mapped_column(String(IDEMPOTENCY_KEY_MAX))
     # SHA-256 of the canonical request body: the same key with another body is refused.
     request_hash: Mapped[str] = mapped_column(String(64))
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)

@@ -9,10 +9,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The API's ceiling for a prompt; PROMPT_MAX_CHARS may lower it, not raise it.
-PROMPT_CEILING = 32_000
+from .bounds import (
+    IDEMPOTENCY_KEY_MAX,
+    LIST_MAX,
+    MODEL_NAME_MAX,
+    PRIORITY_DEFAULT,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    PROMPT_CEILING,
+    SYSTEM_MAX_CHARS,
+)
+from .models import MAX_ID, TaskStatus
 
-Status = Literal["PENDING", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
+Status = Literal[tuple(status.value for status in TaskStatus)]
 
 
 class Strict(BaseModel):
@@ -25,8 +34,8 @@ class Parameters(BaseModel):
     """Headers and query strings: their JSON schema is built once, not on every request.
 
     flask-openapi3 (4.3) calls `model_json_schema()` on every request that has a header or
-    query model, to look up each field's type; building it took about 14% of a submission's CPU
-    under load (bench/submit_load.py, profiled with py-spy). The schema of a class never changes.
+    query model, to look up each field's type, and building it is a large share of a small
+    request's CPU. The schema of a class never changes.
     """
 
     @classmethod
@@ -46,7 +55,7 @@ class TaskParams(Strict):
     temperature: float | None = Field(
         None, ge=0, le=2, description="Sampling temperature; the model's default when absent."
     )
-    system: str | None = Field(None, max_length=8_000, description="A system prompt.")
+    system: str | None = Field(None, max_length=SYSTEM_MAX_CHARS, description="A system prompt.")
 
 
 class TaskCreate(Strict):
@@ -56,9 +65,9 @@ class TaskCreate(Strict):
         description="The prompt (1-32,000 characters; an operator may set less).",
     )
     model: str | None = Field(
-        None, max_length=100, description="A model name from GET /models; the default model when absent."
+        None, max_length=MODEL_NAME_MAX, description="A model name from GET /models; the default model when absent."
     )
-    priority: int = Field(5, ge=1, le=10, description="1 (lowest) to 10 (highest).")
+    priority: int = Field(PRIORITY_DEFAULT, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="1 (lowest) to 10 (highest).")
     params: TaskParams | None = None
 
 
@@ -67,13 +76,13 @@ class SubmitHeaders(Parameters):
         None,
         alias="Idempotency-Key",
         min_length=1,
-        max_length=255,
+        max_length=IDEMPOTENCY_KEY_MAX,
         description="Replays with the same key and body return the first task (keys expire after 24 h).",
     )
 
 
 class TaskPath(BaseModel):
-    task_id: int = Field(ge=1, le=2**63 - 1)
+    task_id: int = Field(ge=1, le=MAX_ID)
 
 
 class TaskQuery(Parameters):
@@ -81,7 +90,7 @@ class TaskQuery(Parameters):
     model_config = ConfigDict(extra="forbid")
 
     status: Status | None = None
-    limit: int = Field(20, ge=1, le=100)
+    limit: int = Field(20, ge=1, le=LIST_MAX)
     cursor: str | None = Field(
         None, max_length=200, pattern=r"^[A-Za-z0-9_-]+$", description="next_cursor from the previous page."
     )
@@ -96,7 +105,7 @@ class TaskOut(BaseModel):
     id: int
     prompt: str
     model: str
-    priority: int = Field(ge=1, le=10)
+    priority: int = Field(ge=PRIORITY_MIN, le=PRIORITY_MAX)
     params: TaskParams
     status: Status
     progress: int = Field(ge=0, le=100)

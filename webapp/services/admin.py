@@ -16,6 +16,7 @@ from datetime import timedelta
 from sqlalchemy import func, select
 
 from .. import lifecycle
+from ..bounds import MODEL_NAME_MAX
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..extensions import db
 from ..models import UNFINISHED, Task, TaskStatus, User, utcnow
@@ -53,8 +54,8 @@ class TaskFilter:
         if status and status not in TaskStatus.__members__:
             errors["status"] = f"Choose one of {', '.join(TaskStatus.__members__)}."
         model = (form.get("model") or "").strip() or None
-        if model and (len(model) > 100 or text_problem(model)):
-            errors["model"] = "Enter a model name of at most 100 characters."
+        if model and (len(model) > MODEL_NAME_MAX or text_problem(model)):
+            errors["model"] = f"Enter a model name of at most {MODEL_NAME_MAX} characters."
         username = (form.get("username") or "").strip() or None
         older = (form.get("older_than_hours") or "").strip()
         hours = None

@@ -16,6 +16,15 @@ from sqlalchemy import bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 
 from .. import lifecycle, metrics
+from ..bounds import (
+    LIST_MAX,
+    MODEL_NAME_MAX,
+    PRIORITY_DEFAULT,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    SEARCH_MAX_CHARS,
+    SYSTEM_MAX_CHARS,
+)
 from ..catalog import ModelSpec, catalog
 from ..errors import ConflictError, RateLimitedError, TaskNotFoundError, ValidationError
 from ..extensions import db
@@ -26,9 +35,6 @@ from ..tokens import context_problem
 
 log = logging.getLogger(__name__)
 
-SYSTEM_MAX_CHARS = 8_000
-LIST_MAX = 100
-SEARCH_MAX_CHARS = 200
 # Retry-After for a user at MAX_TASKS_IN_FLIGHT: tasks usually finish within seconds.
 IN_FLIGHT_RETRY_AFTER = 10
 # A user's unfinished tasks, counted through the (user_id, status, id) index and never past the
@@ -79,8 +85,8 @@ def validate_submission(
         errors["model"] = f"Unknown model {name!r}. Available: {', '.join(cat.names())}."
 
     if priority is None:
-        priority = 5
-    elif not 1 <= priority <= 10:
+        priority = PRIORITY_DEFAULT
+    elif not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         errors["priority"] = "Priority must be between 1 (lowest) and 10 (highest)."
 
     params: dict = {}
@@ -260,7 +266,7 @@ def _filtered(user: User, status: str | None, model: str | None, search: str | N
     if status:
         query = query.where(Task.status == status)
     if model:
-        if len(model) > 100 or text_problem(model):
+        if len(model) > MODEL_NAME_MAX or text_problem(model):
             raise ValidationError("Choose a model from the list.", {"model": "not a model name"})
         query = query.where(Task.model == model)
     if search:

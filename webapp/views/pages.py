@@ -25,28 +25,20 @@ from flask import (
 from flask_login import current_user, login_required
 from markupsafe import Markup
 
-from .. import money, ratelimits
+from .. import bounds, money, ratelimits
 from ..auth import sign_in, sign_out
 from ..budgets import answer_tokens
 from ..catalog import catalog
 from ..errors import BudgetExceededError, ConflictError, RateLimitedError, TaskNotFoundError, ValidationError
-from ..models import TaskStatus
+from ..models import MAX_ID, TaskStatus
 from ..rendering import render_markdown
 from ..services import accounts, attempts
 from ..services import tasks as service
 
 bp = Blueprint("pages", __name__)
 
-# The largest id a row can have (PostgreSQL's bigint, SQLite's integer).
-BIGINT_MAX = 2**63 - 1
-
-STATUS_LABELS = {
-    TaskStatus.PENDING.value: "Pending",
-    TaskStatus.PROCESSING.value: "Processing",
-    TaskStatus.COMPLETED.value: "Completed",
-    TaskStatus.FAILED.value: "Failed",
-    TaskStatus.CANCELLED.value: "Cancelled",
-}
+# "Pending", "Processing", … in the order of TaskStatus.
+STATUS_LABELS = {status.value: status.value.capitalize() for status in TaskStatus}
 
 
 @bp.after_request
@@ -124,6 +116,7 @@ def page_context() -> dict:
         "statuses": list(STATUS_LABELS),
         "answer_limits": answer_limits,
         "line_place": service.line_place,
+        "bounds": bounds,
     }
 
 
@@ -294,7 +287,7 @@ def index():
     source = request.args.get("from")
     if source is None:
         return _render_index()
-    if not source.isdigit() or not 0 < int(source) <= BIGINT_MAX:
+    if not source.isdigit() or not 0 < int(source) <= MAX_ID:
         raise TaskNotFoundError(source[:40])
     task = service.get_task(current_user, int(source))
     return _render_index(_values_of(task), source=task)
