@@ -10,12 +10,11 @@ the session, which gives it a fresh CSRF token: a token read before the change i
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
-from flask import current_app, flash, g, make_response, redirect, request, session, url_for
+from flask import current_app, flash, g, redirect, request, session, url_for
 from flask_login import current_user, login_user, logout_user
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import htmx
 from .extensions import db, login_manager
 from .models import User
 from .services import sessions
@@ -66,14 +65,12 @@ def sign_out() -> None:
 @login_manager.unauthorized_handler
 def unauthorized():
     flash("Please sign in to continue.", "info")
-    if request.headers.get("HX-Request") == "true":
+    if htmx.is_htmx():
         # An htmx poll must not swap the sign-in page into a task: send the whole tab there,
         # coming back to the page it was on.
-        current = urlsplit(request.headers.get("HX-Current-URL", ""))
+        current = htmx.current_url()
         back = current.path + (f"?{current.query}" if current.query else "") if current.path else "/"
-        response = make_response("", 401)
-        response.headers["HX-Redirect"] = url_for("pages.login", next=back)
-        return response
+        return htmx.redirect(url_for("pages.login", next=back))
     return redirect(url_for("pages.login", next=request.full_path if request.query_string else request.path))
 
 

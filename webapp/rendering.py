@@ -25,6 +25,8 @@ from markdown_it.rules_core import StateCore
 from markdown_it.token import Token
 from markupsafe import Markup
 
+from . import htmx
+
 TAGS = {
     "p", "br", "hr", "h3", "h4", "h5", "h6", "strong", "em", "del", "s", "code", "pre", "blockquote",
     "ul", "ol", "li", "a", "table", "thead", "tbody", "tr", "th", "td",
@@ -47,7 +49,7 @@ def _bases() -> list[str]:
     and the page an htmx partial is swapped into (a browser resolves against that page)."""
     if not has_request_context():
         return ["/"]
-    page = urlsplit(request.headers.get("HX-Current-URL", "")).path
+    page = htmx.current_url().path
     return ["/", request.path] + ([page] if page else [])
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 
-from .. import budgets, money
+from .. import budgets, htmx, money
 from ..auth import login_manager, sign_in
 from ..catalog import catalog
 from ..errors import AppError, ForbiddenError, ValidationError
@@ -35,11 +35,9 @@ def budget_words(user: User) -> str:
 def admins_only():
     """Anonymous callers sign in first (htmx polls are told to go there), non-admins get a 403."""
     if not current_user.is_authenticated:
-        if request.headers.get("HX-Request"):
+        if htmx.is_htmx():
             # A poll whose session ran out: send the whole page to sign in, not a swapped-in login form.
-            response = Response(status=401)
-            response.headers["HX-Redirect"] = url_for("pages.login", next=url_for("admin.index"))
-            return response
+            return htmx.redirect(url_for("pages.login", next=url_for("admin.index")))
         return login_manager.unauthorized()
     if not current_user.is_admin:
         raise ForbiddenError("This page is for administrators.")

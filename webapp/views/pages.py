@@ -25,7 +25,7 @@ from flask import (
 from flask_login import current_user, login_required
 from markupsafe import Markup
 
-from .. import bounds, money, ratelimits
+from .. import bounds, htmx, money, ratelimits
 from ..auth import sign_in, sign_out
 from ..budgets import answer_tokens
 from ..catalog import catalog
@@ -45,8 +45,7 @@ STATUS_LABELS = {status.value: status.value.capitalize() for status in TaskStatu
 def no_store(response):
     """Pages show one user's data: no shared cache may keep them, and Back shows them fresh."""
     response.headers.setdefault("Cache-Control", "no-store")
-    response.vary.add("HX-Request")
-    return response
+    return htmx.vary(response)
 
 
 # -- template helpers ----------------------------------------------------------------------
@@ -118,10 +117,6 @@ def page_context() -> dict:
         "line_place": service.line_place,
         "bounds": bounds,
     }
-
-
-def _is_htmx() -> bool:
-    return request.headers.get("HX-Request") == "true"
 
 
 @bp.get("/favicon.ico")
@@ -361,7 +356,7 @@ def _task_action(task_id: int, action, done: str):
     except (ConflictError, RateLimitedError) as exc:
         notice = exc.message
         task = service.get_task(current_user, task_id)
-    if _is_htmx():
+    if htmx.is_htmx():
         return render_template("_task.html", task=task, announce=True, notice=notice)
     flash(notice or done.format(id=task_id), "error" if notice else "success")
     return redirect(url_for("pages.task", task_id=task_id), code=303)
@@ -427,7 +422,7 @@ def history():
     )
     # A refused filter or cursor is a 422 with its message; htmx (filtering as you type) gets a
     # 200, since htmx 2 does not swap a 4xx in.
-    return html, 422 if error and not _is_htmx() else 200
+    return html, 422 if error and not htmx.is_htmx() else 200
 
 
 @bp.get("/tasks/<id:task_id>/row")
