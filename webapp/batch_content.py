@@ -46,37 +46,30 @@ _COLUMNS = (
 )
 
 
-def _task_rows(batch_id: str, statuses: tuple[str, ...]) -> Iterator:
+def _pages(statement, id_column) -> Iterator:
+    """Yield the rows of `statement` in `id_column` order, PAGE at a time by keyset, each page a
+    short query on a connection of its own."""
     after = 0
     while True:
         with db.engine.connect() as connection:
-            rows = connection.execute(
-                select(*_COLUMNS)
-                .where(_tasks.c.batch_id == batch_id, _tasks.c.status.in_(statuses), _tasks.c.id > after)
-                .order_by(_tasks.c.id)
-                .limit(PAGE)
-            ).all()
+            rows = connection.execute(statement.where(id_column > after).order_by(id_column).limit(PAGE)).all()
         yield from rows
         if len(rows) < PAGE:
             return
         after = rows[-1].id
+
+
+def _task_rows(batch_id: str, statuses: tuple[str, ...]) -> Iterator:
+    statement = select(*_COLUMNS).where(_tasks.c.batch_id == batch_id, _tasks.c.status.in_(statuses))
+    return _pages(statement, _tasks.c.id)
 
 
 def _line_errors(batch_id: str) -> Iterator:
-    after = 0
     table = BatchLineError.__table__
-    while True:
-        with db.engine.connect() as connection:
-            rows = connection.execute(
-                select(table.c.id, table.c.line, table.c.custom_id, table.c.code, table.c.message)
-                .where(table.c.batch_id == batch_id, table.c.id > after)
-                .order_by(table.c.id)
-                .limit(PAGE)
-            ).all()
-        yield from rows
-        if len(rows) < PAGE:
-            return
-        after = rows[-1].id
+    statement = select(table.c.id, table.c.line, table.c.custom_id, table.c.code, table.c.message).where(
+        table.c.batch_id == batch_id
+    )
+    return _pages(statement, table.c.id)
 
 
 def finish_reason(row) -> str:
