@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -91,12 +91,7 @@ def record_task_events(connection: Connection, rows: Iterable[Mapping]) -> list[
 
     Call it inside the transaction that finishes them. A row whose status has no event is skipped.
     """
-    events = [
-        Event(row["user_id"], TASK_EVENTS[row["status"]], f"task {row['id']}", task_object(row))
-        for row in rows
-        if row["status"] in TASK_EVENTS
-    ]
-    return record(connection, events)
+    return _record_endings(connection, rows, TASK_EVENTS, "task", task_object)
 
 
 def batch_object(row: Mapping) -> dict:
@@ -112,10 +107,17 @@ def record_batch_events(connection: Connection, rows: Iterable[Mapping]) -> list
 
     Call it inside the transaction that ends them. A row whose status has no event is skipped.
     """
+    return _record_endings(connection, rows, BATCH_EVENTS, "batch", batch_object)
+
+
+def _record_endings(
+    connection: Connection, rows: Iterable[Mapping], types: dict[str, str], noun: str, shown: Callable[[Mapping], dict]
+) -> list[int]:
+    """Write the deliveries of rows that just reached a status in `types` (status -> event type)."""
     events = [
-        Event(row["user_id"], BATCH_EVENTS[row["status"]], f"batch {row['id']}", batch_object(row))
+        Event(row["user_id"], types[row["status"]], f"{noun} {row['id']}", shown(row))
         for row in rows
-        if row["status"] in BATCH_EVENTS
+        if row["status"] in types
     ]
     return record(connection, events)
 
