@@ -4,9 +4,10 @@
 
 A real webhook worker process (`flask --app wsgi worker webhooks`, WEBHOOK_CONCURRENCY threads)
 serves the `webhooks` queue; a receiver on loopback verifies each delivery with the
-`standardwebhooks` package and notes when it arrived. The bench finishes `--tasks` tasks at
-`--rate` a second, each as the lifecycle does: one transaction changes the row and writes its
-outbox rows (`webapp.outbox.record_task_events`), and the commit time is noted.
+`standardwebhooks` package and notes when it arrived. The bench claims `--tasks` tasks, then
+completes them at `--rate` a second through the lifecycle's own final write
+(`webapp.lifecycle.attempts.complete`: one transaction changes the row and writes its outbox
+rows, `hooks._finished`), noting when each commit returned. No task worker runs.
 
 Baseline, in this run: the same bodies POSTed straight to the receiver from this process (the
 bare cost of an HTTP request on loopback), so the difference is what the outbox, the queue and
@@ -26,7 +27,6 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from sqlalchemy import update
 from standardwebhooks.webhooks import Webhook
 
 from bench.common import DATABASE_URL, REDIS_URL, ROOT, env, percentiles, reset_database, user_token
@@ -77,9 +77,11 @@ def main() -> None:
     reset_database()
     token = user_token("hooks")
     os.environ.update(DATABASE_URL=DATABASE_URL, REDIS_URL=REDIS_URL, SECRET_KEY="bench", WEBHOOK_ALLOW_LOOPBACK="true")
-    from webapp import create_app, outbox, tasks, webhooks
+    from webapp import create_app, outbox
     from webapp.extensions import db
-    from webapp.models import Task, User
+    from webapp.lifecycle import attempts
+    from webapp.models import User
+    from webapp.services import tasks, webhooks
 
     app = create_app({"RATELIMIT_ENABLED": False})
     receiver = Receiver()
@@ -92,6 +94,7 @@ def main() -> None:
             task, _ = tasks.submit(user, tasks.validate_submission(f"bench {n}", model="local"))
             ids.append(task.id)
         db.session.remove()
+        claims = [attempts.claim(task_id) for task_id in ids]  # as workers would, before the clock starts
     del token
 
     # Baseline: the same kind of body, POSTed straight to the receiver.
@@ -108,24 +111,17 @@ def main() -> None:
     worker = subprocess.Popen(
         [sys.executable, "-m", "flask", "--app", "wsgi", "worker", "webhooks"],
         cwd=ROOT,
-        env=env(WEBHOOK_ALLOW_LOOPBACK="true", LOG_LEVEL="WARNING"),
+        env=env(WEBHOOK_ALLOW_LOOPBACK="true", LOG_LEVEL=os.environ.get("WORKER_LOG_LEVEL", "WARNING")),
     )
     try:
         time.sleep(5)  # the worker is up and waiting on its queue
         committed: dict[int, float] = {}
-        table = Task.__table__
         with app.app_context():
-            for task_id in ids:
+            for claim in claims:
                 started = time.monotonic()
-                with db.engine.begin() as connection:
-                    rows = connection.execute(
-                        update(table)
-                        .where(table.c.id == task_id)
-                        .values(status="COMPLETED", result="The capital of France is Paris.", progress=100)
-                        .returning(*table.c)
-                    ).mappings()
-                    outbox.record_task_events(connection, [dict(r) for r in rows])
-                committed[task_id] = time.time()
+                if not attempts.complete(claim, "The capital of France is Paris.", 12, 8, "stop"):
+                    raise SystemExit(f"task {claim.task_id} did not complete")
+                committed[claim.task_id] = time.time()
                 time.sleep(max(0.0, 1 / args.rate - (time.monotonic() - started)))
         deadline = time.monotonic() + 60
         while len(receiver.arrived) < len(ids) and time.monotonic() < deadline:
@@ -135,11 +131,13 @@ def main() -> None:
         worker.wait(60)
     latencies = [(receiver.arrived[i] - committed[i]) * 1000 for i in ids if i in receiver.arrived]
     if len(latencies) < len(ids) or receiver.bad:
-        raise SystemExit(f"{len(ids) - len(latencies)} deliveries missing, {receiver.bad} failed verification")
+        missing = sorted(set(ids) - set(receiver.arrived))[:10]
+        raise SystemExit(f"{len(ids) - len(latencies)} missing (e.g. {missing}), {receiver.bad} failed verification")
     d, b = percentiles(latencies), percentiles(direct)
+    threads = app.config["WEBHOOK_CONCURRENCY"]
     print(
         f"webhook delivery after completion: {args.tasks} tasks finished at {args.rate:g}/s, one webhook worker "
-        "process (16 threads), a receiver on loopback verifying each with standardwebhooks"
+        f"process ({threads} threads), a receiver on loopback verifying each with standardwebhooks"
     )
     print(f"{'':46} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
     print(f"{'baseline: POST straight to the receiver':46} {b['p50']:8.1f} {b['p90']:8.1f} {b['p99']:8.1f}")

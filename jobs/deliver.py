@@ -108,25 +108,35 @@ def deliver(delivery_id: int) -> str:
     return _record(delivery_id, endpoint, claimed.attempts, outcome)
 
 
+def _try_claim(delivery_id: int):
+    now = utcnow()
+    params = {
+        "b_id": delivery_id,
+        "b_now": now,
+        "b_due": now + timedelta(seconds=1),
+        "b_lease": now + timedelta(seconds=LEASE_SECONDS),
+    }
+    row = db.session.execute(_CLAIM, params).first()
+    db.session.commit()
+    return row
+
+
 def _claim(delivery_id: int):
+    """Claim the row for one try; wait up to VISIBILITY_WAIT for the commit that writes it."""
     waited = 0.0
     pause = 0.02
     while True:
-        now = utcnow()
-        params = {
-            "b_id": delivery_id,
-            "b_now": now,
-            "b_due": now + timedelta(seconds=1),
-            "b_lease": now + timedelta(seconds=LEASE_SECONDS),
-        }
-        row = db.session.execute(_CLAIM, params).first()
-        db.session.commit()
+        row = _try_claim(delivery_id)
         if row is not None:
             return row
         exists = db.session.scalar(select(func.count()).where(_d.c.id == delivery_id))
         db.session.commit()
-        if exists or waited >= VISIBILITY_WAIT:
-            return None  # delivered, failed, not due, or tried by someone else; or never committed
+        if exists:
+            # It may have been committed between the claim and this look (the job is enqueued as
+            # the commit begins): once seen, it stays visible, so one more claim decides.
+            return _try_claim(delivery_id)  # None: delivered, failed, not due, or being tried
+        if waited >= VISIBILITY_WAIT:
+            return None  # never committed: the change rolled back
         time.sleep(pause)
         waited += pause
         pause = min(pause * 2, 0.5)

@@ -171,6 +171,25 @@ def priced_app(app, fake_provider):
         db.engine.dispose()
 
 
+@pytest.fixture
+def receiver():
+    """A real webhook receiver on loopback (tests/receiver.py)."""
+    from tests.receiver import Receiver
+
+    server = Receiver().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hooks(app):
+    """Loopback allowed, quick retries, a short timeout; restored afterwards."""
+    saved = {k: app.config[k] for k in ("WEBHOOK_ALLOW_LOOPBACK", "WEBHOOK_RETRY_DELAYS", "WEBHOOK_TIMEOUT")}
+    app.config.update(WEBHOOK_ALLOW_LOOPBACK=True, WEBHOOK_RETRY_DELAYS="5,300", WEBHOOK_TIMEOUT=1.0)
+    yield app.config
+    app.config.update(saved)
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print what the security tests tried (tests/tally.py), when they ran."""
     from tests.tally import counts

@@ -1,4 +1,6 @@
-"""Webhook deliveries to a real receiver on loopback, verified with the `standardwebhooks` package."""
+"""Webhook deliveries to a real receiver on loopback, verified with the `standardwebhooks` package.
+
+The `receiver` and `hooks` fixtures are in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from sqlalchemy import func, select, update
 
 from jobs.sweeper import sweep
 from tests.helpers import ROOT, redis_conn, work
-from tests.receiver import Receiver, deliver_all
+from tests.receiver import deliver_all
 from webapp import lifecycle, outbox
 from webapp.extensions import db
 from webapp.lifecycle import attempts
@@ -22,22 +24,6 @@ from webapp.services import webhooks as service
 from webapp.webhook_models import WebhookDelivery, WebhookEndpoint
 
 _tasks = Task.__table__
-
-
-@pytest.fixture
-def receiver():
-    server = Receiver().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def hooks(app):
-    """Loopback allowed, quick retries, a short timeout; restored afterwards."""
-    saved = {k: app.config[k] for k in ("WEBHOOK_ALLOW_LOOPBACK", "WEBHOOK_RETRY_DELAYS", "WEBHOOK_TIMEOUT")}
-    app.config.update(WEBHOOK_ALLOW_LOOPBACK=True, WEBHOOK_RETRY_DELAYS="5,300", WEBHOOK_TIMEOUT=1.0)
-    yield app.config
-    app.config.update(saved)
 
 
 def endpoint_for(app, api, url, events=("task.completed", "task.failed")) -> tuple[int, str]:

@@ -1,7 +1,8 @@
 """The webhook outbox: deliveries written with the change they tell of, and woken up after it.
 
-`record_task_events(connection, rows)` is called by the lifecycle on the connection of the
-change that finishes the tasks, inside its transaction: the delivery rows commit with the
+`record_task_events(connection, rows)` and `record_batch_events(connection, rows)` are called by
+the lifecycle (`lifecycle/hooks.py`) on the connection of the change that finishes the tasks or
+the batch, inside its transaction: the delivery rows commit with the
 change or not at all. The delivery jobs are enqueued as that transaction commits; a job that
 arrives before the commit is visible waits a moment for it (`jobs.deliver`), and one whose
 transaction rolled back finds no row and ends. Should Redis lose a job, or the process die
@@ -14,14 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import current_app
 from redis.exceptions import RedisError
-from sqlalchemy import Connection, event, func, insert, or_, select
+from sqlalchemy import Connection, event, func, insert, inspect, or_, select
 
+from .batch_models import Batch
 from .extensions import db
 from .models import Task, _iso, utcnow
 from .queues import get_queue
@@ -37,6 +39,12 @@ JOB_TIMEOUT = 60
 # died between the commit and the enqueue): the sweep enqueues it again.
 SWEEP_GRACE_SECONDS = 60
 TASK_EVENTS = {"COMPLETED": "task.completed", "FAILED": "task.failed", "CANCELLED": "task.cancelled"}
+BATCH_EVENTS = {
+    "completed": "batch.completed",
+    "failed": "batch.failed",
+    "cancelled": "batch.cancelled",
+    "expired": "batch.expired",
+}
 _deliveries = WebhookDelivery.__table__
 _endpoints = WebhookEndpoint.__table__
 
@@ -83,10 +91,33 @@ def record_task_events(connection: Connection, rows: Iterable[Mapping]) -> list[
 
     Call it inside the transaction that finishes them. A row whose status has no event is skipped.
     """
+    return _record_endings(connection, rows, TASK_EVENTS, "task", task_object)
+
+
+def batch_object(row: Mapping) -> dict:
+    """Return an ended batch's row (a mapping of the batches columns) as GET /api/v1/batches/<id> shows it."""
+    # Attribute and column names differ (metadata_ is the column "metadata").
+    columns = {attr.key: attr.columns[0].name for attr in inspect(Batch).column_attrs}
+    fields = {key: row[name] for key, name in columns.items() if name in row}
+    return Batch(**fields).to_dict()  # an ended batch's request_counts are the ones recorded at its end
+
+
+def record_batch_events(connection: Connection, rows: Iterable[Mapping]) -> list[int]:
+    """Write the deliveries of batches that just ended (rows of the batches table); return their ids.
+
+    Call it inside the transaction that ends them. A row whose status has no event is skipped.
+    """
+    return _record_endings(connection, rows, BATCH_EVENTS, "batch", batch_object)
+
+
+def _record_endings(
+    connection: Connection, rows: Iterable[Mapping], types: dict[str, str], noun: str, shown: Callable[[Mapping], dict]
+) -> list[int]:
+    """Write the deliveries of rows that just reached a status in `types` (status -> event type)."""
     events = [
-        Event(row["user_id"], TASK_EVENTS[row["status"]], f"task {row['id']}", task_object(row))
+        Event(row["user_id"], types[row["status"]], f"{noun} {row['id']}", shown(row))
         for row in rows
-        if row["status"] in TASK_EVENTS
+        if row["status"] in types
     ]
     return record(connection, events)
 

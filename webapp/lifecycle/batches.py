@@ -11,6 +11,9 @@ the sweeper). The tasks of a batch's lines are created here, PENDING, in the tra
 moves the batch to in_progress, so a batch is either still validating with no tasks or in
 progress with all of them.
 
+A batch that ends (completed, failed, cancelled, expired) has its webhook deliveries written in
+the transaction of that change (`hooks._batch_ended`).
+
 `advance` moves a batch on once its lines have all finished: it makes the output and error
 files' rows (their bytes counted by making their content once) and ends the batch. Until the
 task lifecycle tells batches about finished tasks, the scheduler's pass (`services/batches.sweep`)
@@ -26,10 +29,10 @@ from flask import current_app
 from sqlalchemy import Connection, String, cast, func, insert, literal, select, update
 
 from .. import batch_content
-from ..batch_models import Batch, BatchLineError, BatchStatus, StoredFile, new_file_id
+from ..batch_models import ENDED_BATCH, Batch, BatchLineError, BatchStatus, StoredFile, new_file_id
 from ..extensions import db
 from ..models import UNFINISHED, Task, TaskStatus, utcnow
-from .hooks import _changed
+from .hooks import _batch_ended, _changed
 
 _batches = Batch.__table__
 _tasks = Task.__table__
@@ -38,11 +41,14 @@ INSERT_ROWS = 1000
 
 
 def _move(connection: Connection, batch_id: str, leaving: tuple[str, ...], **values) -> bool:
+    """Change the batch's status if it is still one of `leaving`; an ending goes to hooks._batch_ended."""
     values.setdefault("updated_at", utcnow())
-    result = connection.execute(
-        update(_batches).where(_batches.c.id == batch_id, _batches.c.status.in_(leaving)).values(**values)
-    )
-    return result.rowcount == 1
+    statement = update(_batches).where(_batches.c.id == batch_id, _batches.c.status.in_(leaving)).values(**values)
+    if values["status"] not in ENDED_BATCH:
+        return connection.execute(statement).rowcount == 1
+    rows = connection.execute(statement.returning(*_batches.c)).mappings().all()
+    _batch_ended(connection, rows)  # its webhook deliveries, in this transaction
+    return len(rows) == 1
 
 
 def fail_validation(connection: Connection, batch_id: str, errors: list[dict]) -> bool:

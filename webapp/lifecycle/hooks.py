@@ -13,6 +13,8 @@ change or not at all. Add to them here (never at a call site):
   fresh attempts) of FAILED or CANCELLED tasks a user or an admin runs again.
 - `_removed(connection, rows)`: rows (every column) just deleted by a user or an admin, before
   they finished or after.
+- `_batch_ended(connection, rows)`: rows (every `batches` column) of batches that just reached
+  completed, failed, cancelled or expired (`lifecycle/batches.py`, fenced, so once each).
 
 `_changed(connection, statement)` runs a status change that RETURNING every column and hands
 the rows that ended to `_finished`: the transitions that may end a task go through it.
@@ -56,6 +58,11 @@ def _finished(connection: Connection, rows: Iterable[Mapping]) -> None:
     if ended:
         budgets.settle(connection, ended)
         outbox.record_task_events(connection, ended)
+
+
+def _batch_ended(connection: Connection, rows: Iterable[Mapping]) -> None:
+    """Batches just reached a final status: tell their owners' webhook endpoints (outbox rows)."""
+    outbox.record_batch_events(connection, [dict(row) for row in rows])
 
 
 def _reopened(connection: Connection, rows: Iterable[Mapping]) -> None:

@@ -13,6 +13,7 @@ from ..extensions import db
 from ..models import TaskStatus, User, utcnow
 from ..services import accounts, stats, usage
 from ..services import admin as service
+from .forms import flash_refused
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -158,22 +159,16 @@ def create_user():
 
 @bp.post("/users/<id:user_id>/active")
 def set_active(user_id: int):
-    try:
+    with flash_refused(AppError):
         user = service.set_active(current_user, user_id, request.form.get("active") == "1")
-    except AppError as exc:
-        flash(exc.message, "error")
-    else:
         flash(f"{user.username} is {'enabled' if user.is_active else 'disabled'}.", "info")
     return redirect(url_for("admin.users"), code=303)
 
 
 @bp.post("/users/<id:user_id>/admin")
 def set_admin(user_id: int):
-    try:
+    with flash_refused(AppError):
         user = service.set_admin(current_user, user_id, request.form.get("admin") == "1")
-    except AppError as exc:
-        flash(exc.message, "error")
-    else:
         flash(f"{user.username} is {'an administrator' if user.is_admin else 'no longer an administrator'}.", "info")
     return redirect(url_for("admin.users"), code=303)
 

@@ -16,6 +16,7 @@ from ..errors import AppError, ConflictError, ValidationError
 from ..extensions import db
 from ..services import batch_csv, files
 from ..services import batches as service
+from .forms import flash_refused
 
 bp = Blueprint("batches", __name__)
 ERRORS_SHOWN = 100
@@ -114,11 +115,9 @@ def live(batch_id: str):
 @bp.post("/batches/<batch:batch_id>/cancel")
 @login_required
 def cancel(batch_id: str):
-    try:
+    with flash_refused(ConflictError):
         service.cancel_batch(current_user, batch_id)
         flash("Batch cancelled: its unfinished lines will not run.", "info")
-    except ConflictError as exc:
-        flash(exc.message, "error")
     return redirect(url_for("batches.detail", batch_id=batch_id), 303)
 
 

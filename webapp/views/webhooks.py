@@ -11,6 +11,7 @@ from ..errors import ConflictError, ValidationError
 from ..models import utcnow
 from ..services import webhooks as service
 from ..webhook_models import EVENT_TYPES
+from .forms import flash_refused
 
 bp = Blueprint("webhooks", __name__)
 
@@ -103,11 +104,9 @@ def rotate(endpoint_id: int):
 @bp.post("/webhooks/<id:endpoint_id>/test")
 @login_required
 def send_test(endpoint_id: int):
-    try:
+    with flash_refused(ValidationError):
         service.send_test(current_user, endpoint_id)
         flash("A test event is on its way; its delivery shows below in a moment.", "success")
-    except ValidationError as exc:
-        flash(exc.message, "error")
     return redirect(url_for("webhooks.endpoint", endpoint_id=endpoint_id), code=303)
 
 
@@ -130,13 +129,11 @@ def delete(endpoint_id: int):
 @bp.post("/webhooks/deliveries/<id:delivery_id>/resend")
 @login_required
 def resend(delivery_id: int):
-    try:
+    target = int(request.form.get("endpoint_id", 0) or 0)  # the page it was on, if the resend is refused
+    with flash_refused(ValidationError, ConflictError):
         delivery = service.resend(current_user, delivery_id)
         flash(f"Delivery {delivery.message_id} is sent again.", "success")
         target = delivery.endpoint_id
-    except (ValidationError, ConflictError) as exc:
-        flash(exc.message, "error")
-        target = int(request.form.get("endpoint_id", 0) or 0)
     if not target:
         return redirect(url_for("webhooks.index"), code=303)
     return redirect(url_for("webhooks.endpoint", endpoint_id=target), code=303)
