@@ -9,7 +9,7 @@ from flask_openapi3 import Info, OpenAPI, SecurityScheme
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from . import config as cfg
-from . import converters, json_depth, queues, ratelimits, security
+from . import converters, json_depth, queues, ratelimits, security, token_cache
 from .bounds import PROMPT_CEILING
 from .extensions import csrf, db, login_manager, migrate, ping_after_idle
 from .logs import setup_logging
@@ -98,6 +98,7 @@ def create_app(overrides: dict | None = None) -> App:
     # One client per process (a worker sizes its own to its threads: jobs.worker.make_worker).
     app.extensions["redis"] = queues.connect(app.config["REDIS_URL"])
     ratelimits.init_app(app)
+    token_cache.init_app(app)
     security.init_app(app)
     json_depth.init_app(app)
 

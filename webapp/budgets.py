@@ -79,14 +79,14 @@ def reserve(connection, user: User, amount: Decimal, now: datetime | None = None
     return month
 
 
-def hold(connection, user: User, task) -> None:
-    """Reserve a task being accepted (flushed, uncommitted) in its transaction, and note it on the task.
+def hold(connection, user: User, values: dict) -> None:
+    """Reserve a task being accepted in its transaction; note it in the row's `values` before the insert.
 
     Raises BudgetExceededError when it does not fit: the caller rolls back, nothing is written.
     """
-    amount = reservation(task.model, task.prompt, task.params or {})
+    amount = reservation(values["model"], values["prompt"], values["params"] or {})
     month = reserve(connection, user, amount)
-    task.reserved_usd, task.reserved_month = (amount, month) if month else (None, None)
+    values["reserved_usd"], values["reserved_month"] = (amount, month) if month else (None, None)
 
 
 def hold_again(connection, rows: Iterable[Mapping]) -> None:

@@ -111,6 +111,10 @@ class Batch:
         self.observations.append((name, labels, max(0.0, value)))
         return self
 
+    def submitted(self, model: str) -> Batch:
+        """Count a submission (sent after the commit, with its job: `queue_on`)."""
+        return self.inc("atr_tasks_submitted", model=model)
+
     def send(self, connection: Redis | None = None) -> None:
         """Write the updates; a Redis outage loses them and is logged, never raised."""
         if not self.counters and not self.observations:
@@ -118,29 +122,28 @@ class Batch:
         connection = connection or current_app.extensions["redis"]
         try:
             with connection.pipeline(transaction=False) as pipe:
-                for name, labels, amount in self.counters:
-                    key = _field(name, _ordered(name, labels, COUNTERS))
-                    # Whole numbers only for whole-number counters: a float counter (dollars)
-                    # may hold a fraction already, which HINCRBY would refuse.
-                    if isinstance(amount, int):
-                        pipe.hincrby(COUNTERS_KEY, key, int(amount))
-                    else:
-                        pipe.hincrbyfloat(COUNTERS_KEY, key, amount)
-                for name, labels, value in self.observations:
-                    spec, ordered = HISTOGRAMS[name], _ordered(name, labels, HISTOGRAMS)
-                    # Each observation counts in its own bucket only; the collector adds them up.
-                    bucket = next((str(b) for b in spec.buckets if value <= b), "+Inf")
-                    pipe.hincrby(HISTOGRAMS_KEY, _field(name, ordered, bucket), 1)
-                    pipe.hincrbyfloat(HISTOGRAMS_KEY, _field(name, ordered, "sum"), value)
+                self.queue_on(pipe)
                 pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("metrics not recorded: Redis unavailable (%s)", type(exc).__name__)
 
+    def queue_on(self, pipe) -> None:
+        """Add the updates to a pipeline the caller executes (one round trip with its other commands)."""
+        for name, labels, amount in self.counters:
+            key = _field(name, _ordered(name, labels, COUNTERS))
+            # Whole numbers only for whole-number counters: a float counter (dollars)
+            # may hold a fraction already, which HINCRBY would refuse.
+            if isinstance(amount, int):
+                pipe.hincrby(COUNTERS_KEY, key, int(amount))
+            else:
+                pipe.hincrbyfloat(COUNTERS_KEY, key, amount)
+        for name, labels, value in self.observations:
+            spec, ordered = HISTOGRAMS[name], _ordered(name, labels, HISTOGRAMS)
+            # Each observation counts in its own bucket only; the collector adds them up.
+            bucket = next((str(b) for b in spec.buckets if value <= b), "+Inf")
+            pipe.hincrby(HISTOGRAMS_KEY, _field(name, ordered, bucket), 1)
+            pipe.hincrbyfloat(HISTOGRAMS_KEY, _field(name, ordered, "sum"), value)
+
 
 def _ordered(name: str, labels: dict, specs: dict) -> list[str]:
     return [str(labels[label]) for label in specs[name].labels]
-
-
-def submitted(model: str) -> None:
-    """Count a submission (called by the web process after the task is committed)."""
-    Batch().inc("atr_tasks_submitted", model=model).send()

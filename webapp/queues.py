@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from flask import current_app
 from redis import BlockingConnectionPool, Redis
+from redis.client import Pipeline
 from rq import Queue, Worker
 from rq.serializers import JSONSerializer
 from rq.worker_registration import unregister
@@ -57,12 +59,25 @@ def new_job_id(task_id: int) -> str:
     return f"task-{task_id}-{secrets.token_hex(4)}"
 
 
+class Rider(Protocol):
+    """Redis commands sent in the same round trip as an enqueue (a submission's metrics)."""
+
+    def queue_on(self, pipeline: Pipeline) -> None: ...
+
+
 def enqueue_task(
-    task_id: int, priority: int, job_timeout: int, delay: float = 0, job_id: str | None = None, at_front: bool = False
+    task_id: int,
+    priority: int,
+    job_timeout: int,
+    delay: float = 0,
+    job_id: str | None = None,
+    at_front: bool = False,
+    also: Rider | None = None,
 ) -> str:
     """Enqueue `jobs.run_task(task_id)` on the queue for `priority`; return the job id.
 
-    `at_front` is for a task whose turn has come after waiting in its model's line.
+    `at_front` is for a task whose turn has come after waiting in its model's line. The job
+    and `also`'s commands go to Redis in one round trip.
 
     With a delay the job waits in RQ's scheduled registry (a worker's scheduler moves it; the
     sweeper moves it if it is overdue, see `jobs.sweeper`).
@@ -76,10 +91,14 @@ def enqueue_task(
         failure_ttl=FAILURE_TTL,
         description=f"task {task_id}",
     )
-    if delay > 0:
-        queue.enqueue_in(timedelta(seconds=delay), "jobs.run_task.run_task", task_id, **options)
-    else:
-        queue.enqueue("jobs.run_task.run_task", task_id, at_front=at_front, **options)
+    with queue.connection.pipeline() as pipe:
+        if delay > 0:
+            queue.enqueue_in(timedelta(seconds=delay), "jobs.run_task.run_task", task_id, pipeline=pipe, **options)
+        else:
+            queue.enqueue("jobs.run_task.run_task", task_id, at_front=at_front, pipeline=pipe, **options)
+        if also is not None:
+            also.queue_on(pipe)
+        pipe.execute()
     return job_id
 
 

@@ -13,7 +13,7 @@ change lives:
 - `queueing.py`: the job time limit (`job_timeout`) and the one "enqueue, or leave it to the
   sweeper" (`enqueue`), and dropping a cancelled task's job.
 - `hooks.py`: what else is written in the same transaction as a change. `_accepted(connection,
-  user, task)` at submit; `_finished(connection, rows)` for rows that just reached COMPLETED,
+  user, values)` at submit; `_finished(connection, rows)` for rows that just reached COMPLETED,
   FAILED or CANCELLED, by any path (it writes the webhook outbox rows, `webapp/outbox.py`,
   whose jobs are enqueued after the commit); `_reopened` and `_removed` likewise. Add to the
   hooks, never at a call site: every path that accepts or finishes a task already calls them.
@@ -22,10 +22,21 @@ Changes that other systems hear about (webhooks) and money held for a task (budg
 written in the same transaction as the status change they follow.
 """
 
-from .commands import CANCELLED_BY, REOPENABLE, cancel, cancel_rows, delete_tasks, drop_jobs, reopen, submit
+from .commands import (
+    CANCELLED_BY,
+    REOPENABLE,
+    AtCapacityError,
+    cancel,
+    cancel_rows,
+    delete_tasks,
+    drop_jobs,
+    reopen,
+    submit,
+)
 from .queueing import drop_job, enqueue, job_timeout
 
 __all__ = [
+    "AtCapacityError",
     "CANCELLED_BY",
     "REOPENABLE",
     "cancel",

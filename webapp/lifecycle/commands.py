@@ -8,11 +8,14 @@ Jobs are enqueued, or dropped, after the commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 
 from flask import current_app
-from sqlalchemy import Connection, RowMapping, delete, update
+from sqlalchemy import Connection, RowMapping, bindparam, delete, text, update
+from sqlalchemy.orm import make_transient_to_detached
 
+from .. import metrics
 from ..extensions import db
 from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
 from ..queues import new_job_id
@@ -25,6 +28,41 @@ REOPENABLE = (TaskStatus.FAILED.value, TaskStatus.CANCELLED.value)
 CANCELLED_BY = {"user": "Cancelled by the user.", "admin": "Cancelled by an administrator."}
 
 
+# A submission is one statement on PostgreSQL: the id comes from the sequence in the same
+# statement, so the row names its job ("task-<id>-<suffix>") from the start with no second write,
+# and the user's in-flight cap (MAX_TASKS_IN_FLIGHT, counted through the (user_id, status, id)
+# index, never past the cap) guards the insert: no row back means the user is at the cap.
+# Compiled once, here.
+_UNFINISHED = "(" + ", ".join(f"'{status}'" for status in UNFINISHED) + ")"
+_SUBMIT_PG = (
+    text(
+        "WITH new AS (SELECT nextval(pg_get_serial_sequence('tasks', 'id')) AS id)"
+        " INSERT INTO tasks (id, user_id, prompt, model, priority, params, status, progress, attempts,"
+        " max_attempts, reserved_usd, reserved_month, job_id, created_at, updated_at)"
+        " SELECT new.id, :user_id, :prompt, :model, :priority, :params, :status, 0, 0, :max_attempts,"
+        " :reserved_usd, :reserved_month, 'task-' || new.id || '-' || :job_suffix, :now, :now FROM new"
+        " WHERE :cap <= 0 OR (SELECT count(*) FROM (SELECT 1 FROM tasks WHERE user_id = :user_id"
+        f" AND status IN {_UNFINISHED}"
+        " LIMIT :cap) AS unfinished) < :cap"
+        " RETURNING " + ", ".join(column.name for column in _tasks.c)
+    )
+    .bindparams(
+        bindparam("params", type_=_tasks.c.params.type),
+        bindparam("reserved_usd", type_=_tasks.c.reserved_usd.type),
+        bindparam("now", type_=_tasks.c.created_at.type),
+    )
+    .columns(*_tasks.c)
+)
+_IN_FLIGHT = text(
+    f"SELECT count(*) FROM (SELECT 1 FROM tasks WHERE user_id = :user_id AND status IN {_UNFINISHED} LIMIT :cap)"
+    " AS unfinished"
+)
+
+
+class AtCapacityError(Exception):
+    """The user already has `in_flight_cap` unfinished tasks: nothing was written."""
+
+
 def submit(
     user: User,
     prompt: str,
@@ -32,35 +70,74 @@ def submit(
     priority: int,
     params: dict,
     idempotency: tuple[str, str] | None = None,
+    in_flight_cap: int = 0,
+    admit: Callable[[], None] | None = None,
 ) -> Task:
     """Insert a task PENDING, naming its job; commit; enqueue it. Return the task.
 
     `idempotency` is (key, request hash): the key is recorded in the same transaction. An
     IntegrityError (another request with the same key won) comes back rolled back.
+    With `in_flight_cap` > 0 the insert happens only while the user has fewer unfinished tasks
+    (AtCapacityError otherwise). `admit` runs after the insert, before the commit: raising
+    refuses the submission (e.g. a per-minute limit counted only for submissions that fit).
     """
-    task = Task(
-        user_id=user.id,
-        prompt=prompt,
-        model=model,
-        priority=priority,
-        params=params,
-        status=TaskStatus.PENDING.value,
-        max_attempts=current_app.config["TASK_MAX_ATTEMPTS"],
-    )
+    suffix = secrets.token_hex(4)
+    values = {
+        "user_id": user.id,
+        "prompt": prompt,
+        "model": model,
+        "priority": priority,
+        "params": params,
+        "status": TaskStatus.PENDING.value,
+        "max_attempts": current_app.config["TASK_MAX_ATTEMPTS"],
+        "reserved_usd": None,
+        "reserved_month": None,
+    }
     try:
-        db.session.add(task)
-        db.session.flush()  # assigns the id, in the same transaction
-        # The job id is recorded before the commit, so the row names its job from the start.
-        task.job_id = new_job_id(task.id)
+        connection = db.session.connection()
+        _accepted(connection, user, values)
+        if connection.dialect.name == "postgresql":
+            row = (
+                connection.execute(_SUBMIT_PG, {**values, "job_suffix": suffix, "now": utcnow(), "cap": in_flight_cap})
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise AtCapacityError(in_flight_cap)
+            task = _persistent(row)
+        else:
+            task = _insert_orm(user, values, suffix, in_flight_cap)
         if idempotency:
             key, request_hash = idempotency
             db.session.add(IdempotencyKey(user_id=user.id, key=key, request_hash=request_hash, task_id=task.id))
-        _accepted(db.session.connection(), user, task)
+        if admit is not None:
+            admit()
         db.session.commit()
     except BaseException:
         db.session.rollback()
         raise
-    enqueue(task.id, task.priority, task.model, job_id=task.job_id)
+    enqueue(task.id, task.priority, task.model, job_id=task.job_id, also=metrics.Batch().submitted(model))
+    return task
+
+
+def _persistent(row: RowMapping) -> Task:
+    """Return the task of a row just inserted, as a loaded object of this session (no query)."""
+    task = Task(**row)
+    make_transient_to_detached(task)
+    db.session.add(task)
+    return task
+
+
+def _insert_orm(user: User, values: dict, suffix: str, in_flight_cap: int) -> Task:
+    """The same insert on SQLite (the embedded set-up): count, insert, then name the job."""
+    if in_flight_cap > 0:
+        counted = db.session.execute(_IN_FLIGHT, {"user_id": user.id, "cap": in_flight_cap}).scalar_one()
+        if counted >= in_flight_cap:
+            raise AtCapacityError(in_flight_cap)
+    task = Task(**values)
+    db.session.add(task)
+    db.session.flush()  # assigns the id, in the same transaction
+    task.job_id = f"task-{task.id}-{suffix}"
     return task
 
 

@@ -4,8 +4,10 @@ Every path of the lifecycle that changes a task this way calls one of these, on 
 of its own transaction, before that transaction commits: what they write commits with the
 change or not at all. Add to them here (never at a call site):
 
-- `_accepted(connection, user, task)`: at submit, after the row is inserted (flushed, so it has
-  its id). Raising refuses the submission: the caller rolls back and nothing is written.
+- `_accepted(connection, user, values)`: at submit, just before the row is inserted; `values`
+  is what will be inserted (user_id, prompt, model, params, ...) and may be filled in (what the
+  task holds of its owner's budget). Raising refuses the submission: the caller rolls back and
+  nothing is written.
 - `_finished(connection, rows)`: rows (mappings of every `tasks` column, as RETURNING gives
   them) that just reached COMPLETED, FAILED or CANCELLED. Each ending is reported once: the
   status change's fence lets a row end only once.
@@ -30,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from sqlalchemy import Connection, RowMapping
 
 from .. import budgets, outbox
-from ..models import FINISHED, Task, User
+from ..models import FINISHED, User
 
 
 def _changed(connection: Connection, statement, params: dict | None = None) -> list[RowMapping]:
@@ -43,12 +45,13 @@ def _changed(connection: Connection, statement, params: dict | None = None) -> l
     return rows
 
 
-def _accepted(connection: Connection, user: User, task: Task) -> None:
-    """A task was just inserted PENDING (not committed yet): hold the most it can cost.
+def _accepted(connection: Connection, user: User, values: dict) -> None:
+    """A task is being inserted PENDING (in the caller's transaction): hold the most it can cost.
 
-    Raises BudgetExceededError (402) when that does not fit in its owner's month.
+    Sets values["reserved_usd"] and values["reserved_month"]; raises BudgetExceededError (402)
+    when that does not fit in its owner's month.
     """
-    budgets.hold(connection, user, task)
+    budgets.hold(connection, user, values)
 
 
 def _finished(connection: Connection, rows: Iterable[Mapping]) -> None:

@@ -14,7 +14,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
 from ..catalog import catalog
-from ..queues import enqueue_task, redis
+from ..queues import Rider, enqueue_task, redis
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,15 @@ def enqueue(
     job_id: str | None = None,
     at_front: bool = False,
     why: str = "committed",
+    also: Rider | None = None,
 ) -> str | None:
     """Enqueue a committed task's job, or leave it to the sweeper when Redis is down.
 
     Returns the job id, or None when nothing was enqueued. `why` names the change for the log
-    line ("committed", "deferred", "handed back", ...).
+    line ("committed", "deferred", "handed back", ...). `also` rides in the same round trip.
     """
     try:
-        return enqueue_task(task_id, priority, job_timeout(model), delay, job_id=job_id, at_front=at_front)
+        return enqueue_task(task_id, priority, job_timeout(model), delay, job_id=job_id, at_front=at_front, also=also)
     except RedisError as exc:
         log.warning("task %s %s but not enqueued (%s); the sweeper will enqueue it", task_id, why, type(exc).__name__)
         return None

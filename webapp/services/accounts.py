@@ -9,14 +9,15 @@ import secrets
 from datetime import timedelta
 from functools import cache
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import joinedload
+from sqlalchemy import func, inspect, select, update
+from sqlalchemy.orm import joinedload, make_transient_to_detached
 from werkzeug.security import check_password_hash, generate_password_hash
 from zxcvbn import zxcvbn
 
 from ..errors import ConflictError, NotFoundError, ValidationError
 from ..extensions import db
 from ..models import PASSWORD_METHOD, ApiToken, User, utcnow
+from ..token_cache import token_cache
 from . import sessions
 
 USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -147,10 +148,17 @@ def user_for_token(token: str) -> User | None:
     Tokens carry 256 random bits and only their SHA-256 is stored, so a leaked table gives no
     token away. The lookup compares digests: its timing can tell an attacker about the digest of
     their guess, never about a real token; the final comparison is constant-time all the same.
+    A token seen lately is answered from this process's memory while the auth version in Redis
+    says nothing changed since (webapp/token_cache.py): a revocation anywhere is seen at once.
     """
     if not token.startswith(TOKEN_PREFIX) or len(token) > 200 or not token.isascii():
         return None
     digest = _hash(token)
+    cache = token_cache()
+    version = cache.version()
+    entry = cache.get(digest, version) if version else None
+    if entry is not None:
+        return db.session.merge(entry.user, load=False)  # no query: the remembered row, in this session
     row = db.session.scalar(select(ApiToken).options(joinedload(ApiToken.user)).where(ApiToken.token_hash == digest))
     if row is None or not hmac.compare_digest(row.token_hash, digest):
         return None
@@ -158,9 +166,19 @@ def user_for_token(token: str) -> User | None:
         return None
     now = utcnow()
     if row.last_used_at is None or now - row.last_used_at > TOKEN_TOUCH_INTERVAL:
-        db.session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+        touch = update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now)
+        db.session.execute(touch.execution_options(auth_unchanged=True))
         db.session.commit()
+    if version:
+        cache.put(digest, _detached_copy(row.user), row.id, version)
     return row.user
+
+
+def _detached_copy(user: User) -> User:
+    """Return a copy of a loaded user that belongs to no session, to be merged into later ones."""
+    copy = User(**{attr.key: getattr(user, attr.key) for attr in inspect(User).column_attrs})
+    make_transient_to_detached(copy)
+    return copy
 
 
 def list_tokens(user: User) -> list[ApiToken]:

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 
-from .. import lifecycle, metrics
+from .. import lifecycle
 from ..bounds import (
     LIST_MAX,
     MODEL_NAME_MAX,
@@ -149,14 +149,16 @@ def submit(user: User, submission: Submission, idempotency_key: str | None = Non
     """Record a task as PENDING, commit, then enqueue it. Return (task, created).
 
     With an Idempotency-Key the same key and body return the first task (created is False).
+    The per-user limits hold: the in-flight cap guards the insert itself, and a submission is
+    counted against the per-minute limit only once it fits under the cap (before the commit).
     """
     fingerprint = submission.fingerprint() if idempotency_key else None
     if idempotency_key:
         existing = _replay(user, idempotency_key, fingerprint)
         if existing is not None:
             return existing, False  # a replay is free: it runs nothing
-    check_limits(user)
-
+    limited = current_app.config["RATELIMIT_ENABLED"]
+    cap = max(current_app.config["MAX_TASKS_IN_FLIGHT"], 0) if limited else 0
     try:
         task = lifecycle.submit(
             user,
@@ -165,14 +167,17 @@ def submit(user: User, submission: Submission, idempotency_key: str | None = Non
             submission.priority,
             submission.params,
             idempotency=(idempotency_key, fingerprint) if idempotency_key else None,
+            in_flight_cap=cap,
+            admit=(lambda: _count_submission(user)) if limited else None,
         )
+    except lifecycle.AtCapacityError:
+        raise _at_capacity(cap) from None
     except IntegrityError:
         # Another request with the same key won the race: answer as it did.
         existing = _replay(user, idempotency_key, fingerprint) if idempotency_key else None
         if existing is None:
             raise
         return existing, False
-    metrics.submitted(task.model)
     return task, True
 
 
@@ -180,6 +185,7 @@ def check_limits(user: User) -> None:
     """Refuse new work over the user's limits (RateLimitedError): tasks in flight, then submissions per minute.
 
     The in-flight count is a soft cap: two submissions racing at the cap can both pass.
+    (A submission checks both inside its insert's transaction instead: `submit`.)
     """
     config = current_app.config
     if not config["RATELIMIT_ENABLED"]:
@@ -188,12 +194,22 @@ def check_limits(user: User) -> None:
     if cap > 0:
         counted = db.session.execute(IN_FLIGHT, {"user_id": user.id, "statuses": list(UNFINISHED), "cap": cap})
         if counted.scalar_one() >= cap:
-            raise RateLimitedError(
-                f"You have {cap:,} unfinished tasks, the most allowed at once. "
-                "Wait for some to finish (or cancel some), then submit again.",
-                IN_FLIGHT_RETRY_AFTER,
-                {"tasks_in_flight": cap, "limit": cap},
-            )
+            raise _at_capacity(cap)
+    _count_submission(user)
+
+
+def _at_capacity(cap: int) -> RateLimitedError:
+    return RateLimitedError(
+        f"You have {cap:,} unfinished tasks, the most allowed at once. "
+        "Wait for some to finish (or cancel some), then submit again.",
+        IN_FLIGHT_RETRY_AFTER,
+        {"tasks_in_flight": cap, "limit": cap},
+    )
+
+
+def _count_submission(user: User) -> None:
+    """Count a submission against SUBMIT_LIMIT (shared in Redis); raise RateLimitedError past it."""
+    config = current_app.config
     wait = rate_limits().hit("SUBMIT_LIMIT", str(user.id))
     if wait:
         raise RateLimitedError(
