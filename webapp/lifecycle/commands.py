@@ -17,7 +17,7 @@ from sqlalchemy.orm import make_transient_to_detached
 
 from .. import metrics
 from ..extensions import db
-from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
+from ..models import UNFINISHED, IdempotencyKey, Task, TaskStatus, User, sql_in, utcnow
 from ..queues import new_job_id
 from .hooks import _accepted, _changed, _removed, _reopened
 from .queueing import drop_job, enqueue
@@ -33,7 +33,7 @@ CANCELLED_BY = {"user": "Cancelled by the user.", "admin": "Cancelled by an admi
 # and the user's in-flight cap (MAX_TASKS_IN_FLIGHT, counted through the (user_id, status, id)
 # index, never past the cap) guards the insert: no row back means the user is at the cap.
 # Compiled once, here.
-_UNFINISHED = "(" + ", ".join(f"'{status}'" for status in UNFINISHED) + ")"
+_UNFINISHED = sql_in(UNFINISHED)
 _SUBMIT_PG = (
     text(
         "WITH new AS (SELECT nextval(pg_get_serial_sequence('tasks', 'id')) AS id)"
@@ -53,7 +53,8 @@ _SUBMIT_PG = (
     )
     .columns(*_tasks.c)
 )
-_IN_FLIGHT = text(
+# A user's unfinished tasks, counted the same way (the retry path and SQLite's submit).
+IN_FLIGHT = text(
     f"SELECT count(*) FROM (SELECT 1 FROM tasks WHERE user_id = :user_id AND status IN {_UNFINISHED} LIMIT :cap)"
     " AS unfinished"
 )
@@ -131,7 +132,7 @@ def _persistent(row: RowMapping) -> Task:
 def _insert_orm(user: User, values: dict, suffix: str, in_flight_cap: int) -> Task:
     """The same insert on SQLite (the embedded set-up): count, insert, then name the job."""
     if in_flight_cap > 0:
-        counted = db.session.execute(_IN_FLIGHT, {"user_id": user.id, "cap": in_flight_cap}).scalar_one()
+        counted = db.session.execute(IN_FLIGHT, {"user_id": user.id, "cap": in_flight_cap}).scalar_one()
         if counted >= in_flight_cap:
             raise AtCapacityError(in_flight_cap)
     task = Task(**values)

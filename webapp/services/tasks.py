@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from flask import current_app
 from redis.exceptions import RedisError
-from sqlalchemy import bindparam, select, text
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from .. import lifecycle
@@ -28,7 +28,7 @@ from ..bounds import (
 from ..catalog import ModelSpec, catalog
 from ..errors import ConflictError, RateLimitedError, TaskNotFoundError, ValidationError
 from ..extensions import db
-from ..models import MAX_ID, UNFINISHED, IdempotencyKey, Task, TaskStatus, User, utcnow
+from ..models import MAX_ID, IdempotencyKey, Task, TaskStatus, User, utcnow
 from ..ratelimits import rate_limits
 from ..text import text_problem  # noqa: F401 (pages and services import it from here)
 from ..tokens import context_problem
@@ -37,12 +37,6 @@ log = logging.getLogger(__name__)
 
 # Retry-After for a user at MAX_TASKS_IN_FLIGHT: tasks usually finish within seconds.
 IN_FLIGHT_RETRY_AFTER = 10
-# A user's unfinished tasks, counted through the (user_id, status, id) index and never past the
-# cap. Every submission runs it: a plain statement costs half what the ORM select does.
-IN_FLIGHT = text(
-    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE user_id = :user_id AND status IN :statuses LIMIT :cap)"
-    " AS unfinished"
-).bindparams(bindparam("statuses", expanding=True))
 
 
 @dataclass(frozen=True)
@@ -192,7 +186,7 @@ def check_limits(user: User) -> None:
         return
     cap = config["MAX_TASKS_IN_FLIGHT"]
     if cap > 0:
-        counted = db.session.execute(IN_FLIGHT, {"user_id": user.id, "statuses": list(UNFINISHED), "cap": cap})
+        counted = db.session.execute(lifecycle.commands.IN_FLIGHT, {"user_id": user.id, "cap": cap})
         if counted.scalar_one() >= cap:
             raise _at_capacity(cap)
     _count_submission(user)
